@@ -1,0 +1,45 @@
+"""asvd: streaming autoregressive video diffusion with an adaptive state, in JAX/Flax NNX.
+
+The public API is importable from the top-level package; submodules are imported lazily so that
+`import asvd` stays fast and never pulls in torch.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# name -> module that defines it.
+_LAZY = {
+  # Configs.
+  "load_config": "asvd.config",
+  # The causal Wan DiT.
+  "WanDiT": "asvd.models.dit",
+  "init_dit": "asvd.models.dit",
+  "load_dit": "asvd.ckpt.dit_port",
+  "save_dit": "asvd.ckpt.dit_port",
+  # The adaptive-state transition and rollouts.
+  "make_transition": "asvd.transition",
+  "rollout": "asvd.rollout",
+  "stream": "asvd.rollout",
+  # VAE and text encoder.
+  "WanVAE": "asvd.models.vae",
+  "load_vae": "asvd.models.vae",
+  "UMT5Encoder": "asvd.models.umt5",
+  "load_text_encoder": "asvd.models.umt5",
+  "load_tokenizer": "asvd.text.tokenizer",
+  "encode_prompts": "asvd.text.tokenizer",
+  # Errors.
+  "CheckpointError": "asvd.ckpt.common",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'asvd' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_LAZY))

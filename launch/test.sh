@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets everything up (venv + asvd[torch,test]) and runs the test suite.  Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch/env.sh torch,test
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+exec python -m pytest -q "$@"

@@ -1,0 +1,18 @@
+"""Test setup: 8 fake CPU devices for mesh tests; absl flags parsed for grain workers."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
