@@ -196,10 +196,10 @@ def flat_abstract(abstract_state: nnx.State) -> dict[Path, jax.ShapeDtypeStruct]
   """`{path: ShapeDtypeStruct}` of an (abstract) NNX state, via its pure dict."""
   pure = nnx.to_pure_dict(abstract_state)
   flat, _ = jax.tree_util.tree_flatten_with_path(pure)
-  return {tuple(_key(k) for k in kp): v for kp, v in flat}
+  return {tuple(key_of(k) for k in kp): v for kp, v in flat}
 
 
-def _key(k) -> Any:
+def key_of(k) -> Any:
   for attr in ("key", "idx", "name"):
     if hasattr(k, attr):
       return getattr(k, attr)
@@ -256,7 +256,7 @@ def fill_state(
 
   pure = nnx.to_pure_dict(abstract_state)
   flat, treedef = jax.tree_util.tree_flatten_with_path(pure)
-  leaves = [to_leaf(tuple(_key(k) for k in kp), v) for kp, v in flat]
+  leaves = [to_leaf(tuple(key_of(k) for k in kp), v) for kp, v in flat]
   filled = jax.tree_util.tree_unflatten(treedef, leaves)
   nnx.replace_by_pure_dict(abstract_state, filled)
   return abstract_state

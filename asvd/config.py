@@ -1,0 +1,156 @@
+"""Config loading: ml_collections files with `get_config(arg)` and `--config.a.b=v` overrides.
+
+A config spec is `"configs/tiny.py"` or `"configs/tiny.py:arg"`; relative paths are looked up in
+the working directory first, then in the asvd checkout (so `asvd generate --config
+configs/tiny.py` works from anywhere in an editable install).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+
+import ml_collections
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every section and default named in method.md; config files start from this and edit it."""
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  # The DiT (asvd.models.dit.DiTConfig): defaults are Wan2.1-T2V-1.3B.
+  c.model = ml_collections.ConfigDict(
+    dict(
+      patch_size=(1, 2, 2),
+      in_channels=16,
+      out_channels=16,
+      dim=1536,
+      ffn_dim=8960,
+      freq_dim=256,
+      num_heads=12,
+      num_layers=30,
+      text_dim=4096,
+      text_len=512,
+      eps=1e-6,
+      cross_attn_norm=True,
+      rope_max_seq_len=1024,
+      rope_theta=10000.0,
+      dtype="float32",
+      param_dtype="float32",
+      attention="xla",
+      scan_layers=True,
+      remat="none",
+    )
+  )
+  # Few-step sampler (Self-Forcing): 1000, 750, 500, 250 warped with shift 5.
+  c.sampler = ml_collections.ConfigDict(
+    dict(
+      timesteps=(1000, 750, 500, 250),
+      shift=5.0,
+      warp=True,
+      num_train_timesteps=1000,
+      context_timestep=0,
+    )
+  )
+  # The adaptive-state rollout (method.md "Names" and "The cache and the anchor modes").
+  c.rollout = ml_collections.ConfigDict(
+    dict(
+      anchor="adaptive",  # adaptive | sink | ema | none
+      chunk_frames=3,  # F
+      state_frames=1,  # Fs (anchor slots)
+      window_frames=3,  # Wp
+      state_position="anchor",  # anchor | leading
+      positions="relative",  # relative | absolute (Self-Forcing preset)
+      absolute_frames=21,  # cache frames of the absolute preset
+      ema_decay=0.9,
+      batch_size=1,
+      latent_hw=(60, 104),  # latent H, W (480x832 pixels)
+      probe=False,  # return the attention share per slot group
+      recache_on_switch=False,  # re-run the window under a new prompt (modes other than adaptive)
+      state_timestep="same",  # same: the state is denoised at the chunk's timesteps
+    )
+  )
+  c.train = ml_collections.ConfigDict(dict(horizon_frames=21, horizon_alpha=2.0))
+  c.seed = 0
+  return c
+
+
+def _resolve(path: str) -> str:
+  if os.path.isfile(path):
+    return path
+  alt = os.path.join(_REPO_ROOT, path)
+  if os.path.isfile(alt):
+    return alt
+  raise FileNotFoundError(f"config file {path!r} not found (also looked in {_REPO_ROOT})")
+
+
+def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` by calling its `get_config(arg)`, then applies overrides.
+
+  Args:
+    spec: `"configs/tiny.py"` or `"configs/tiny.py:arg"`.
+    overrides: strings `"a.b=v"` (a leading `--config.` or `config.` is accepted).
+
+  Returns:
+    The ConfigDict.
+  """
+  path, _, arg = spec.partition(":")
+  path = _resolve(path)
+  name = "asvd_config_" + os.path.splitext(os.path.basename(path))[0]
+  mod_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path} defines no get_config(arg)")
+  cfg = module.get_config(arg) if arg else module.get_config()
+  return apply_overrides(cfg, overrides)
+
+
+def _parse_value(text: str, current):
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, str) or current is None:
+    try:
+      v = ast.literal_eval(text)
+      return v if current is None else str(v) if not isinstance(v, str) else v
+    except (ValueError, SyntaxError):
+      return text
+  if isinstance(current, (tuple, list)):
+    v = ast.literal_eval(text)
+    return type(current)(v if isinstance(v, (tuple, list)) else (v,))
+  return ast.literal_eval(text)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Applies `a.b=v` overrides; the value is parsed by the type of the current value."""
+  for item in overrides:
+    item = item.removeprefix("--").removeprefix("config.")
+    if "=" not in item:
+      raise ValueError(f"config override {item!r} must look like --config.a.b=value")
+    key, text = item.split("=", 1)
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      if p not in node:
+        raise ValueError(f"--config.{key}: no section {p!r} (have {sorted(node.keys())})")
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"--config.{key}: unknown key {leaf!r} (have {sorted(node.keys())})")
+    try:
+      value = _parse_value(text, node[leaf])
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"--config.{key}={text!r}: {e}") from e
+    with node.ignore_type():
+      node[leaf] = value
+  return cfg

@@ -1,0 +1,84 @@
+"""Attention kernels, selected by name (`model.attention` in the config).
+
+Every kernel has the same signature:
+
+    fn(q, k, v, frame_mask=None, probe=False) -> (out, share)
+
+* `q` `[B, Sq, H, Dh]`, `k`/`v` `[B, Sk, H, Dh]` (already normed and rotated);
+* `frame_mask` bool `[B|1, Fq, Fk]` at latent-frame granularity: query frame i may attend key
+  frame j. Tokens per frame are `Sq // Fq` and `Sk // Fk`. None = everything visible;
+* `probe` asks for the attention share per key frame `[B, Fk]` (mean over heads and query
+  tokens of the softmax mass on each key frame); kernels that never materialise the
+  probabilities return None and the caller falls back to `xla` for probing.
+
+Backends:
+* `xla`: reference einsum attention, f32 scores and softmax, f32 accumulation. Always kept; every
+  other backend is tested against it.
+* `dot_product`: `jax.nn.dot_product_attention` with XLA's own choice of implementation.
+* `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel on
+  NVIDIA GPUs (bf16/fp16 inputs).
+Register more (e.g. a TPU splash kernel) with `register_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30
+_REGISTRY: dict[str, Callable] = {}
+
+
+def register_attention(name: str, fn: Callable) -> None:
+  """Adds a kernel under `name` (see the module docstring for the signature)."""
+  _REGISTRY[name] = fn
+
+
+def get_attention(name: str) -> Callable:
+  if name not in _REGISTRY:
+    raise ValueError(
+      f"unknown attention backend {name!r} (config key model.attention); "
+      f"available: {sorted(_REGISTRY)}"
+    )
+  return _REGISTRY[name]
+
+
+def available_attention() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def _xla(q, k, v, frame_mask=None, probe=False):
+  b, sq, h, dh = q.shape
+  sk = k.shape[1]
+  scale = dh**-0.5
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if frame_mask is not None:
+    fq, fk = frame_mask.shape[-2:]
+    s = s.reshape(b, h, fq, sq // fq, fk, sk // fk)
+    s = jnp.where(frame_mask[:, None, :, None, :, None], s, _NEG)
+    s = s.reshape(b, h, sq, sk)
+  p = jax.nn.softmax(s, axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  share = None
+  if probe:
+    fk = frame_mask.shape[-1] if frame_mask is not None else 1
+    share = p.reshape(b, h, sq, fk, sk // fk).sum(-1).mean(axis=(1, 2))  # [B, Fk]
+  return out.astype(q.dtype), share
+
+
+def _dpa(q, k, v, frame_mask=None, probe=False, *, implementation=None):
+  mask = None
+  if frame_mask is not None:
+    fq, fk = frame_mask.shape[-2:]
+    mask = jnp.repeat(jnp.repeat(frame_mask, q.shape[1] // fq, axis=1), k.shape[1] // fk, axis=2)
+    mask = mask[:, None]  # [B|1, 1, Sq, Sk]
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  return out.astype(q.dtype), None
+
+
+register_attention("xla", _xla)
+register_attention("dot_product", functools.partial(_dpa, implementation=None))
+register_attention("cudnn", functools.partial(_dpa, implementation="cudnn"))

@@ -1,0 +1,14 @@
+"""Wan2.1-T2V-1.3B (Self-Forcing's base): 30 layers, dim 1536, 12 heads, 480x832.
+
+Args (after `:`): `bf16` (default for real runs on accelerators) or `f32`.
+"""
+
+from asvd.config import base_config
+
+
+def get_config(arg="bf16"):
+  c = base_config()
+  c.name = "wan_t2v_1_3b"
+  if (arg or "bf16") == "bf16":
+    c.model.update(dtype="bfloat16", param_dtype="bfloat16")
+  return c
