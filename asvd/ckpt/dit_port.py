@@ -199,8 +199,14 @@ def config_from_json(d: dict, source: str) -> dict:
   return out
 
 
-def config_from_shapes(arrays: dict[str, np.ndarray], source: str, head_dim: int = 128) -> dict:
-  """Infers the model config from Wan-named tensor shapes (for bare Self-Forcing `.pt` files)."""
+def config_from_shapes(
+  arrays: dict[str, np.ndarray], source: str, head_dim: int = 128, num_heads: int | None = None
+) -> dict:
+  """Infers the model config from Wan-named tensor shapes (for bare Self-Forcing `.pt` files).
+
+  The head count is not in any shape: it is `dim // head_dim` with Wan's head dim of 128 unless
+  `num_heads` is given.
+  """
   try:
     w = arrays["patch_embedding.weight"]
     dim, cin = int(w.shape[0]), int(w.shape[1])
@@ -214,7 +220,7 @@ def config_from_shapes(arrays: dict[str, np.ndarray], source: str, head_dim: int
       "text_dim": int(arrays["text_embedding.0.weight"].shape[1]),
       "freq_dim": int(arrays["time_embedding.0.weight"].shape[1]),
       "out_channels": int(arrays["head.head.weight"].shape[0]) // int(np.prod(w.shape[2:])),
-      "num_heads": dim // head_dim,
+      "num_heads": num_heads or _heads_from_dim(dim, head_dim, source),
       "cross_attn_norm": "blocks.0.norm3.weight" in arrays,
     }
   except (KeyError, ValueError) as e:
@@ -222,6 +228,15 @@ def config_from_shapes(arrays: dict[str, np.ndarray], source: str, head_dim: int
       f"{source}: cannot infer the model config from tensor shapes (missing {e}); put a Wan or "
       "diffusers config.json next to it or pass model_config="
     ) from e
+
+
+def _heads_from_dim(dim: int, head_dim: int, source: str) -> int:
+  if dim % head_dim:
+    raise CheckpointError(
+      f"{source}: cannot infer num_heads for dim {dim} (not a multiple of Wan's head dim {head_dim}); "
+      "pass num_heads=..., or put a config.json next to the checkpoint"
+    )
+  return dim // head_dim
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,7 +428,7 @@ def _resolve_config(found: dict | None, model_config: Any, arrays, naming, sourc
   elif found is not None:
     base = dict(found)
   elif naming == "wan":
-    base = config_from_shapes(arrays, source)
+    base = config_from_shapes(arrays, source, num_heads=overrides.get("num_heads"))
   else:
     raise CheckpointError(f"{source}: no config.json found; pass model_config=")
   base.update(overrides)

@@ -156,7 +156,7 @@ class TextKV:
 
 def _param(value, names):
   # Logical axis names only; the mesh mapping happens in asvd.sharding (no eager sharding).
-  return nnx.Param(value, sharding_names=names, eager_sharding=False)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class Dense(nnx.Module):

@@ -1,0 +1,231 @@
+"""WanDiT: shapes, RoPE, cached == block-causal, scanned == looped, attention backends."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import asvd
+from asvd.ckpt import dit_port
+from asvd.models import attention as attn_lib
+from asvd.models import dit as dit_lib
+from asvd.models import rope as rope_lib
+
+
+@pytest.fixture(scope="module")
+def cfg():
+  return asvd.load_config("configs/tiny.py")
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+  return asvd.init_dit(cfg.model, jax.random.key(0))
+
+
+def _inputs(b=2, f=4, h=8, w=12, seed=0, text_dim=32):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k1, (b, f, h, w, 16))
+  t = jax.random.uniform(k2, (b, f), minval=0, maxval=1000)
+  ctx = jax.random.normal(k3, (b, 5, text_dim))
+  return x, t, ctx
+
+
+class ShapesTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_output_shape_and_dtype(self):
+    cfg = asvd.load_config("configs/tiny.py")
+    model = asvd.init_dit(cfg.model, 0)
+    graphdef, state = nnx.split(model)
+    fn = self.variant(lambda st, x, t, c: nnx.merge(graphdef, st)(x, t, c))
+    x, t, ctx = _inputs(b=2, f=3, h=6, w=10)
+    y = fn(state, x, t, ctx)
+    chex.assert_shape(y, x.shape)
+    chex.assert_type(y, jnp.float32)
+    chex.assert_tree_all_finite(y)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cached_call_returns_kv(self):
+    cfg = asvd.load_config("configs/tiny.py")
+    model = asvd.init_dit(cfg.model, 0)
+    graphdef, state = nnx.split(model)
+    fn = self.variant(lambda st, x, t, c: nnx.merge(graphdef, st)(x, t, c, return_kv=True))
+    x, t, ctx = _inputs(b=1, f=2, h=4, w=4)
+    _, aux = fn(state, x, t, ctx)
+    m = cfg.model
+    chex.assert_shape([aux["k"], aux["v"]], (m.num_layers, 1, 2 * 4, m.num_heads, m.dim // m.num_heads))
+
+
+def test_bf16_close_to_f32(cfg):
+  x, t, ctx = _inputs()
+  m32 = asvd.init_dit(cfg.model, 3)
+  flat = dit_port.to_flat(m32)
+  c16 = dit_lib.DiTConfig.from_config({**cfg.model.to_dict(), "dtype": "bfloat16", "param_dtype": "bfloat16"})
+  m16 = dit_port.model_from_flat(c16, flat, jnp.bfloat16)
+  y32, y16 = m32(x, t, ctx), m16(x, t, ctx)
+  assert y16.dtype == jnp.float32
+  rel = float(jnp.abs(y16 - y32).max() / jnp.abs(y32).max())
+  assert rel < 0.05, rel
+
+
+def test_per_frame_timesteps_act_per_frame(model):
+  # Changing frame 2's timestep must change frame 2's output most; with a block-diagonal mask it
+  # must change only frame 2.
+  x, t, ctx = _inputs(b=1, f=3)
+  mask = jnp.eye(3, dtype=bool)
+  y0 = model(x, t, ctx, frame_mask=mask)
+  y1 = model(x, t.at[0, 2].set(t[0, 2] + 300.0), ctx, frame_mask=mask)
+  diff = jnp.abs(y1 - y0).max(axis=(0, 2, 3, 4))
+  assert float(diff[2]) > 1e-3
+  np.testing.assert_allclose(np.asarray(diff[:2]), 0.0, atol=1e-6)
+
+
+def test_rope_is_relative():
+  dh = 32
+  kq, kk = jax.random.split(jax.random.key(1))
+  q = jax.random.normal(kq, (1, 1, 1, dh))
+  k = jax.random.normal(kk, (1, 1, 1, dh))
+
+  def score(pq, pk):
+    cq, sq = rope_lib.rope_cos_sin(jnp.array([pq]), dh)
+    ck, sk = rope_lib.rope_cos_sin(jnp.array([pk]), dh)
+    qr = rope_lib.apply_rope(q, cq[None], sq[None])
+    kr = rope_lib.apply_rope(k, ck[None], sk[None])
+    return float((qr * kr).sum())
+
+  base = score([5, 2, 3], [2, 1, 1])
+  assert score([105, 2, 3], [102, 1, 1]) == pytest.approx(base, rel=1e-4, abs=1e-4)
+  assert score([5, 12, 3], [2, 11, 1]) == pytest.approx(base, rel=1e-4, abs=1e-4)
+  assert score([5, 2, 9], [2, 1, 7]) == pytest.approx(base, rel=1e-4, abs=1e-4)
+  assert abs(score([6, 2, 3], [2, 1, 1]) - base) > 1e-3  # and it does depend on the difference
+
+
+def test_rope_split_matches_wan():
+  assert rope_lib.axis_dims(128) == (44, 42, 42)
+  assert rope_lib.axis_dims(16) == (8, 4, 4)
+
+
+def test_cached_form_equals_block_causal_full_form(model):
+  """Call form (b) chunk by chunk == call form (a) with a block-causal mask."""
+  x, t, ctx = _inputs(b=2, f=6, h=4, w=6, seed=3)
+  chunk = 2
+  full = model(x, t, ctx, frame_mask=dit_lib.block_causal_mask(6, chunk))
+  outs, ks, vs = [], [], []
+  for c in range(3):
+    sl = slice(c * chunk, (c + 1) * chunk)
+    slots = None
+    if c:
+      n = c * chunk
+      slots = dit_lib.KVSlots(
+        k=jnp.concatenate(ks, axis=2),
+        v=jnp.concatenate(vs, axis=2),
+        valid=jnp.ones((2, n), bool),
+        positions=jnp.arange(n),
+      )
+    y, aux = model(
+      x[:, sl], t[:, sl], ctx, positions=jnp.arange(sl.start, sl.stop), slots=slots, return_kv=True
+    )
+    outs.append(y)
+    ks.append(aux["k"])
+    vs.append(aux["v"])
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), np.asarray(full), atol=2e-5, rtol=1e-4)
+
+
+def test_invalid_slots_are_ignored(model):
+  x, t, ctx = _inputs(b=1, f=2, h=4, w=4, seed=4)
+  y_plain = model(x, t, ctx)
+  junk = jax.random.normal(jax.random.key(9), (2, 1, 3 * 4, 2, 32))
+  slots = dit_lib.KVSlots(k=junk, v=junk, valid=jnp.zeros((1, 3), bool), positions=jnp.arange(3))
+  y_masked = model(x, t, ctx, positions=jnp.arange(3, 5), slots=slots)
+  # Own positions shifted by 3 do not matter (relative RoPE) and invalid slots get no attention.
+  np.testing.assert_allclose(np.asarray(y_masked), np.asarray(y_plain), atol=2e-5, rtol=1e-4)
+
+
+def test_text_kv_precomputed_equals_raw_context(model):
+  x, t, ctx = _inputs(b=2, f=2, h=4, w=4)
+  np.testing.assert_allclose(
+    np.asarray(model(x, t, model.text_kv(ctx))), np.asarray(model(x, t, ctx)), atol=1e-5
+  )
+
+
+def test_scanned_equals_looped(cfg):
+  scanned = asvd.init_dit(cfg.model, 5)
+  loop_cfg = dit_lib.DiTConfig.from_config({**cfg.model.to_dict(), "scan_layers": False})
+  looped = dit_port.model_from_flat(loop_cfg, dit_port.to_flat(scanned))
+  assert isinstance(looped.blocks, nnx.List)
+  x, t, ctx = _inputs(b=1, f=3, h=4, w=6)
+  kw = {"frame_mask": dit_lib.block_causal_mask(3, 1), "return_kv": True, "probe": True}
+  ys, aux_s = scanned(x, t, ctx, **kw)
+  yl, aux_l = looped(x, t, ctx, **kw)
+  chex.assert_trees_all_close((ys, aux_s), (yl, aux_l), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "attn_out"])
+def test_remat_policies_same_grads(cfg, remat):
+  base = asvd.init_dit(cfg.model, 6)
+  other_cfg = dit_lib.DiTConfig.from_config({**cfg.model.to_dict(), "remat": remat})
+  other = dit_port.model_from_flat(other_cfg, dit_port.to_flat(base))
+  x, t, ctx = _inputs(b=1, f=2, h=4, w=4)
+
+  def grads(m):
+    g, p, rest = nnx.split(m, nnx.Param, ...)
+    loss = lambda p: jnp.mean(nnx.merge(g, p, rest)(x, t, ctx) ** 2)
+    return jax.jit(jax.grad(loss))(p)
+
+  chex.assert_trees_all_close(grads(base), grads(other), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in attn_lib.available_attention() if n not in ("xla", "cudnn")])
+def test_attention_backends_match_xla(name):
+  kq, kk, kv = jax.random.split(jax.random.key(2), 3)
+  q = jax.random.normal(kq, (2, 12, 2, 16))
+  k = jax.random.normal(kk, (2, 18, 2, 16))
+  v = jax.random.normal(kv, (2, 18, 2, 16))
+  mask = jnp.array([[[1, 0, 1], [1, 1, 0]]], bool)  # 2 query frames x 3 key frames
+  ref, _ = attn_lib.get_attention("xla")(q, k, v, mask)
+  out, _ = attn_lib.get_attention(name)(q, k, v, mask)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_probe_shares_sum_to_one(model):
+  x, t, ctx = _inputs(b=1, f=2, h=4, w=4)
+  _, aux = model(x, t, ctx, probe=True, frame_mask=jnp.ones((2, 2), bool))
+  share = aux["share"]
+  chex.assert_shape(share, (2, 1, 2))
+  np.testing.assert_allclose(np.asarray(share.sum(-1)), 1.0, atol=1e-5)
+
+
+def test_real_sizes_param_counts():
+  # diffusers' WanTransformer3DModel counts for Wan2.1-T2V-1.3B and -14B.
+  for spec, want in (("configs/wan_t2v_1_3b.py", 1_418_996_800), ("configs/wan_t2v_14b.py", 14_288_491_584)):
+    model = dit_lib.abstract_dit(asvd.load_config(spec).model)
+    assert dit_lib.count_params(model) == want, spec
+
+
+def test_real_size_forward_shapes_eval_shape():
+  cfg = asvd.load_config("configs/wan_t2v_1_3b.py").model
+  model = dit_lib.abstract_dit(cfg)
+  graphdef, state = nnx.split(model)
+  x = jax.ShapeDtypeStruct((1, 3, 60, 104, 16), jnp.bfloat16)
+  t = jax.ShapeDtypeStruct((1, 3), jnp.float32)
+  c = jax.ShapeDtypeStruct((1, 512, 4096), jnp.bfloat16)
+  out = jax.eval_shape(lambda st, x, t, c: nnx.merge(graphdef, st)(x, t, c, return_kv=True), state, x, t, c)
+  assert out[0].shape == (1, 3, 60, 104, 16)
+  assert out[1]["k"].shape == (30, 1, 3 * 1560, 12, 128)
+
+
+def test_clear_input_errors(model):
+  x, t, ctx = _inputs(b=1, f=2, h=4, w=4)
+  with pytest.raises(ValueError, match="channels"):
+    model(x[..., :8], t, ctx)
+  with pytest.raises(ValueError, match=r"t of shape"):
+    model(x, jnp.zeros((1, 3)), ctx)
+  with pytest.raises(ValueError, match="text_dim"):
+    model(x, t, jnp.zeros((1, 5, 7)))
+  with pytest.raises(ValueError, match="divisible"):
+    model(x[:, :, :3], t, ctx)
+  with pytest.raises(ValueError, match="unknown model config"):
+    dit_lib.DiTConfig.from_config({"dimm": 3})
+  with pytest.raises(ValueError, match="attention backend"):
+    dit_lib.DiTConfig.from_config({"attention": "nope"})
