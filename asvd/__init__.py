@@ -19,8 +19,8 @@ _LAZY = {
   "save_dit": "asvd.ckpt.dit_port",
   # The adaptive-state transition and rollouts.
   "make_transition": "asvd.transition",
-  "rollout": "asvd.rollout",
-  "stream": "asvd.rollout",
+  "rollout": "asvd.streaming",
+  "stream": "asvd.streaming",
   # VAE and text encoder.
   "WanVAE": "asvd.models.vae",
   "load_vae": "asvd.models.vae",

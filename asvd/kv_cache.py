@@ -1,0 +1,82 @@
+"""The KV cache of a rollout: a static-shape pytree that never grows with the chunk count.
+
+Layout (relative time, every mode): `Fs` anchor slots then `Wp` window slots, one latent frame
+per slot, `T` tokens per frame. Keys are stored **un-rotated**; the model rotates them at read
+time with the slot's fixed temporal index. The cache also holds the prompt's cross-attention
+K/V (computed once per prompt; replacing them is all a prompt switch needs).
+
+The absolute Self-Forcing preset uses the same class with `N = absolute_frames` slots, filled
+in order and never evicted.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from asvd.models.dit import KVSlots, TextKV
+
+
+@struct.dataclass
+class Cache:
+  """Rollout cache.
+
+  Attributes:
+    k: `[L, B, N*T, H, Dh]` un-rotated keys; slots `[0, Fs)` are the anchor, then the window.
+    v: `[L, B, N*T, H, Dh]` values.
+    valid: bool `[B, N]` per-slot validity.
+    text: the prompt's cross-attention K/V, `[L, B, Lt, H, Dh]` each.
+    chunk: int32 `[]` chunks generated so far. Only the absolute preset reads it (for RoPE and
+      where to write); relative modes carry it for inspection.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  text: TextKV
+  chunk: jax.Array
+
+  @property
+  def num_slots(self) -> int:
+    return self.valid.shape[-1]
+
+  def slots(self, positions: jax.Array) -> KVSlots:
+    return KVSlots(k=self.k, v=self.v, valid=self.valid, positions=positions)
+
+  @staticmethod
+  def logical_axes() -> Cache:
+    """Logical axis names of every leaf (for `asvd.sharding.logical_sharding`)."""
+    kv = ("layers", "batch", "tokens", "heads", "head_dim")
+    return Cache(
+      k=kv,
+      v=kv,
+      valid=("batch", "slots"),
+      text=TextKV(k=("layers", "batch", "text", "heads", "head_dim"), v=("layers", "batch", "text", "heads", "head_dim")),
+      chunk=(),
+    )
+
+
+def empty_cache(text: TextKV, num_slots: int, tokens: int, dtype) -> Cache:
+  """A cache with every slot invalid (zeros), shaped after the text K/V `[L, B, Lt, H, Dh]`."""
+  layers, batch, _, heads, head_dim = text.k.shape
+  shape = (layers, batch, num_slots * tokens, heads, head_dim)
+  return Cache(
+    k=jnp.zeros(shape, dtype),
+    v=jnp.zeros(shape, dtype),
+    valid=jnp.zeros((batch, num_slots), bool),
+    text=text,
+    chunk=jnp.zeros((), jnp.int32),
+  )
+
+
+def frames_of(x: jax.Array, tokens: int) -> jax.Array:
+  """`[L, B, F*T, H, Dh]` -> `[L, B, F, T, H, Dh]`."""
+  l, b, s, h, d = x.shape
+  return x.reshape(l, b, s // tokens, tokens, h, d)
+
+
+def tokens_of(x: jax.Array) -> jax.Array:
+  """`[L, B, F, T, H, Dh]` -> `[L, B, F*T, H, Dh]`."""
+  l, b, f, t, h, d = x.shape
+  return x.reshape(l, b, f * t, h, d)

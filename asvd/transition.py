@@ -1,0 +1,317 @@
+"""The adaptive-state transition: `(state, cache, noise) -> (state, cache, frames)`.
+
+This is the whole method in one pure function (see `docs` in method.md, "The transition"):
+
+1. `z = noise[0]`: in `adaptive` mode `Fs` state frames followed by `F` chunk frames; in the other
+   modes only the `F` chunk frames.
+2. Few-step sampling (Self-Forcing): at each step predict the flow with queries = `z`'s tokens and
+   keys = the valid cache slots + `z`'s own tokens (bidirectional inside the block); `x0 = z -
+   sigma_i v`; unless last, re-noise with fresh noise: `z = (1 - sigma_{i+1}) x0 + sigma_{i+1}
+   noise[i+1]`.
+3. Split `x0` into the new state `s'` and the content `x`.
+4. A clean re-run on `[s'; x]` at the context timestep writes the cache (no gradient):
+   `adaptive` overwrites the anchor slots with `s'`'s K/V; every mode shifts `x`'s K/V into the
+   window, evicting the oldest frames; `sink` fills the anchor once with the first generated
+   frames; `ema` folds evicted frames into the anchor; `none` leaves the anchor masked.
+5. Emit `x` (the state is never part of the output).
+
+Relative time: temporal RoPE indices are fixed per slot (anchor `0..Fs-1`, window
+`Fs..Fs+Wp-1`, chunk `Fs+Wp..Fs+Wp+F-1`; the new state takes the anchor's indices, or with
+`state_position="leading"` the indices just before the chunk, which then shifts by `Fs`), so the
+transition is the same function at every chunk. `positions="absolute"` (with `anchor="none"`)
+is the released Self-Forcing inference: a 21-frame cache filled in order, RoPE from the
+absolute frame index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from asvd import kv_cache, sampler
+from asvd.kv_cache import Cache
+from asvd.models.dit import WanDiT
+
+ANCHORS = ("adaptive", "sink", "ema", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Static geometry of one transition, derived from the `rollout` and `sampler` sections."""
+
+  anchor: str
+  absolute: bool
+  chunk_frames: int  # F
+  state_frames: int  # Fs (anchor slots; 0 in the absolute preset)
+  window_frames: int  # Wp (the whole 21-frame buffer in the absolute preset)
+  state_position: str
+  ema_decay: float
+  latent_hw: tuple[int, int]
+  tokens: int  # tokens per latent frame
+  timesteps: tuple[float, ...]
+  sigmas: tuple[float, ...]
+  context_timestep: float
+  context_sigma: float
+
+  @property
+  def num_slots(self) -> int:
+    return self.state_frames + self.window_frames
+
+  @property
+  def z_frames(self) -> int:
+    """Frames denoised jointly: `Fs + F` in adaptive mode, `F` otherwise."""
+    return self.chunk_frames + (self.state_frames if self.anchor == "adaptive" else 0)
+
+  def slot_positions(self) -> np.ndarray:
+    return np.arange(self.num_slots, dtype=np.int32)
+
+  def z_positions(self) -> np.ndarray:
+    """Temporal indices of the jointly denoised frames (relative layout)."""
+    fs, base, f = self.state_frames, self.num_slots, self.chunk_frames
+    if self.anchor != "adaptive":
+      return np.arange(base, base + f, dtype=np.int32)
+    if self.state_position == "anchor":
+      return np.concatenate([np.arange(fs), np.arange(base, base + f)]).astype(np.int32)
+    return np.arange(base, base + fs + f, dtype=np.int32)  # "leading"
+
+
+def make_layout(config, model_cfg, latent_hw=None, sampler_config=None) -> Layout:
+  """Validates the `rollout` config (named keys in errors) and derives the static layout."""
+  r = config
+  anchor = r.anchor
+  if anchor not in ANCHORS:
+    raise ValueError(f"rollout.anchor={anchor!r}; choose one of {ANCHORS}")
+  if r.positions not in ("relative", "absolute"):
+    raise ValueError(f"rollout.positions={r.positions!r}; choose 'relative' or 'absolute'")
+  if r.state_position not in ("anchor", "leading"):
+    raise ValueError(f"rollout.state_position={r.state_position!r}; choose 'anchor' or 'leading'")
+  f, fs, wp = int(r.chunk_frames), int(r.state_frames), int(r.window_frames)
+  if f < 1:
+    raise ValueError(f"rollout.chunk_frames={f} must be >= 1")
+  if fs < 0 or wp < 0:
+    raise ValueError(f"rollout.state_frames={fs} and rollout.window_frames={wp} must be >= 0")
+  absolute = r.positions == "absolute"
+  if absolute:
+    if anchor != "none":
+      raise ValueError("rollout.positions='absolute' is the Self-Forcing preset: set rollout.anchor='none'")
+    fs, wp = 0, int(r.absolute_frames)
+  elif anchor in ("adaptive", "sink", "ema") and fs < 1:
+    raise ValueError(f"rollout.anchor={anchor!r} needs rollout.state_frames >= 1")
+  if anchor == "sink" and fs > f:
+    raise ValueError(f"rollout.anchor='sink' fills {fs} anchor slots from the first chunk of {f} frames")
+  if anchor == "ema" and fs != 1:
+    raise ValueError("rollout.anchor='ema' keeps one running average: set rollout.state_frames=1")
+  if not 0.0 <= float(r.ema_decay) < 1.0:
+    raise ValueError(f"rollout.ema_decay={r.ema_decay} must be in [0, 1)")
+  hw = tuple(int(v) for v in (latent_hw if latent_hw is not None else r.latent_hw))
+  _, ph, pw = model_cfg.patch_size
+  if hw[0] % ph or hw[1] % pw:
+    raise ValueError(f"rollout.latent_hw={hw} must be divisible by the patch size {(ph, pw)}")
+  tokens = (hw[0] // ph) * (hw[1] // pw)
+  positions_needed = (fs + wp + f + (fs if r.state_position == "leading" else 0)) if not absolute else wp
+  hp, wq = hw[0] // ph, hw[1] // pw
+  if max(positions_needed, hp, wq) > model_cfg.rope_max_seq_len:
+    raise ValueError(
+      f"RoPE positions up to {max(positions_needed, hp, wq)} exceed model.rope_max_seq_len="
+      f"{model_cfg.rope_max_seq_len}"
+    )
+  s = sampler_config
+  ts, sig = sampler.step_sigmas(s)
+  t_ctx = float(s.context_timestep)
+  return Layout(
+    anchor=anchor,
+    absolute=absolute,
+    chunk_frames=f,
+    state_frames=fs,
+    window_frames=wp,
+    state_position=r.state_position,
+    ema_decay=float(r.ema_decay),
+    latent_hw=hw,
+    tokens=tokens,
+    timesteps=tuple(float(v) for v in ts),
+    sigmas=tuple(float(v) for v in sig),
+    context_timestep=t_ctx,
+    context_sigma=float(sampler.sigma_of(t_ctx, s)[0]) if t_ctx > 0 else 0.0,
+  )
+
+
+# ------------------------------------------------------------------------------------------------
+# The transition.
+# ------------------------------------------------------------------------------------------------
+
+
+def _positions(lay: Layout, cache: Cache):
+  """(slot positions [N], z positions [Fz]) for this chunk."""
+  if lay.absolute:
+    start = cache.chunk * lay.chunk_frames
+    return jnp.arange(lay.num_slots, dtype=jnp.int32), start + jnp.arange(lay.chunk_frames, dtype=jnp.int32)
+  return jnp.asarray(lay.slot_positions()), jnp.asarray(lay.z_positions())
+
+
+def denoise(model: WanDiT, lay: Layout, cache: Cache, noise: jax.Array, probe: bool = False):
+  """Steps 1-2: few-step sampling of `z` against the cache. Returns `(x0 [B, Fz, ...], share)`."""
+  slot_pos, z_pos = _positions(lay, cache)
+  slots = cache.slots(slot_pos)
+  b, fz = noise.shape[1], noise.shape[2]
+  steps = len(lay.timesteps)
+  ts = jnp.asarray(lay.timesteps, jnp.float32)
+  sig = jnp.asarray(lay.sigmas, jnp.float32)
+  sig_next = jnp.concatenate([sig[1:], jnp.zeros((1,), jnp.float32)])
+  fresh = jnp.concatenate([noise[1:], jnp.zeros_like(noise[:1])])  # noise[i+1] for step i
+
+  def predict(z, t, want_probe):
+    t_bf = jnp.full((b, fz), t, jnp.float32)
+    out = model(z, t_bf, cache.text, positions=z_pos, slots=slots, probe=want_probe)
+    return out if want_probe else (out, None)
+
+  def step(z, xs):
+    t, s, s_next, eps = xs
+    v, _ = predict(z, t, False)
+    x0 = z - s * v
+    return (1.0 - s_next) * x0 + s_next * eps, x0
+
+  # All but the last step in a scan (one traced model call); the last one may probe.
+  z = noise[0].astype(jnp.float32)
+  if steps > 1:
+    z, _ = jax.lax.scan(step, z, (ts[:-1], sig[:-1], sig_next[:-1], fresh[:-1]))
+  v, aux = predict(z, ts[-1], probe)
+  x0 = z - sig[-1] * v
+  return x0, (aux["share"] if probe else None)
+
+
+def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: jax.Array) -> Cache:
+  """Step 4: the clean re-run at the context timestep writes the cache (no gradient)."""
+  x0 = jax.lax.stop_gradient(x0)
+  slot_pos, z_pos = _positions(lay, cache)
+  b, fz = x0.shape[:2]
+  x_in = x0
+  if lay.context_timestep > 0:  # Self-Forcing noises the clean output to the context level
+    x_in = (1.0 - lay.context_sigma) * x0 + lay.context_sigma * noise[0]
+  t_bf = jnp.full((b, fz), lay.context_timestep, jnp.float32)
+  _, aux = model(x_in, t_bf, cache.text, positions=z_pos, slots=cache.slots(slot_pos), return_kv=True)
+  k_new = kv_cache.frames_of(jax.lax.stop_gradient(aux["k"]).astype(cache.k.dtype), lay.tokens)
+  v_new = kv_cache.frames_of(jax.lax.stop_gradient(aux["v"]).astype(cache.v.dtype), lay.tokens)
+  k_old, v_old = kv_cache.frames_of(cache.k, lay.tokens), kv_cache.frames_of(cache.v, lay.tokens)
+  fs, wp, f = lay.state_frames, lay.window_frames, lay.chunk_frames
+  valid = cache.valid
+
+  if lay.absolute:  # write the chunk at its absolute frame index; nothing is evicted
+    start = cache.chunk * f
+    k = jax.lax.dynamic_update_slice_in_dim(k_old, k_new, start, axis=2)
+    v = jax.lax.dynamic_update_slice_in_dim(v_old, v_new, start, axis=2)
+    valid = jax.lax.dynamic_update_slice_in_dim(valid, jnp.ones((b, f), bool), start, axis=1)
+    return cache.replace(k=kv_cache.tokens_of(k), v=kv_cache.tokens_of(v), valid=valid, chunk=cache.chunk + 1)
+
+  # Content K/V (the last F frames of z) enter the window; the oldest frames fall out.
+  kx, vx = k_new[:, :, -f:], v_new[:, :, -f:]
+  win_k = jnp.concatenate([k_old[:, :, fs:], kx], axis=2)  # [L, B, Wp + F, T, H, Dh]
+  win_v = jnp.concatenate([v_old[:, :, fs:], vx], axis=2)
+  win_valid = jnp.concatenate([valid[:, fs:], jnp.ones((b, f), bool)], axis=1)
+  evicted_k, evicted_v, evicted_valid = win_k[:, :, :f], win_v[:, :, :f], win_valid[:, :f]
+  win_k, win_v, win_valid = win_k[:, :, f:], win_v[:, :, f:], win_valid[:, f:]
+
+  anc_k, anc_v, anc_valid = k_old[:, :, :fs], v_old[:, :, :fs], valid[:, :fs]
+  if lay.anchor == "adaptive":  # the new state's K/V replace the old state's
+    anc_k, anc_v = k_new[:, :, :fs], v_new[:, :, :fs]
+    anc_valid = jnp.ones_like(anc_valid)
+  elif lay.anchor == "sink":  # the first generated frames, frozen afterwards
+    keep = anc_valid[None, :, :, None, None, None]
+    anc_k = jnp.where(keep, anc_k, kx[:, :, :fs])
+    anc_v = jnp.where(keep, anc_v, vx[:, :, :fs])
+    anc_valid = jnp.ones_like(anc_valid)
+  elif lay.anchor == "ema":  # running average of evicted frames, oldest first
+    d = lay.ema_decay
+    for j in range(f):
+      ev = evicted_valid[:, j]  # [B]
+      have = anc_valid[:, 0]
+      upd_k = jnp.where(have[None, :, None, None, None], d * anc_k[:, :, 0] + (1 - d) * evicted_k[:, :, j], evicted_k[:, :, j])
+      upd_v = jnp.where(have[None, :, None, None, None], d * anc_v[:, :, 0] + (1 - d) * evicted_v[:, :, j], evicted_v[:, :, j])
+      sel = ev[None, :, None, None, None]
+      anc_k = jnp.where(sel, upd_k, anc_k[:, :, 0])[:, :, None]
+      anc_v = jnp.where(sel, upd_v, anc_v[:, :, 0])[:, :, None]
+      anc_valid = anc_valid | ev[:, None]
+  # "none": anchor slots stay invalid.
+  k = jnp.concatenate([anc_k, win_k], axis=2)
+  v = jnp.concatenate([anc_v, win_v], axis=2)
+  valid = jnp.concatenate([anc_valid, win_valid], axis=1)
+  return cache.replace(k=kv_cache.tokens_of(k), v=kv_cache.tokens_of(v), valid=valid, chunk=cache.chunk + 1)
+
+
+def transition_fn(model: WanDiT, lay: Layout, state, cache: Cache, noise, probe: bool = False):
+  """One chunk. Returns `(state, cache, frames)` (plus the attention share when probing)."""
+  x0, share = denoise(model, lay, cache, noise, probe)
+  new_cache = write_cache(model, lay, cache, x0, noise)
+  if lay.anchor == "adaptive":
+    state, frames = x0[:, : lay.state_frames], x0[:, lay.state_frames :]
+  else:
+    frames = x0
+  out = (state, new_cache, frames)
+  return (*out, share) if probe else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Public constructor.
+# ------------------------------------------------------------------------------------------------
+
+
+def noise_shape(lay: Layout, batch: int, channels: int) -> tuple[int, ...]:
+  """`[steps, B, Fz, H, W, C]`: all randomness of one chunk."""
+  return (len(lay.timesteps), batch, lay.z_frames, *lay.latent_hw, channels)
+
+
+def initial_carry(model: WanDiT, context, lay: Layout):
+  """`(state [B, Fs, H, W, C] zeros, empty cache holding the prompt's text K/V)`."""
+  cfg = model.cfg
+  text = model.text_kv(jnp.asarray(context))
+  b = text.k.shape[1]
+  state = jnp.zeros((b, lay.state_frames, *lay.latent_hw, cfg.out_channels), jnp.float32)
+  cache = kv_cache.empty_cache(text, lay.num_slots, lay.tokens, jnp.dtype(cfg.dtype))
+  return state, cache
+
+
+def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_config=None, full_config=None):
+  """The initial carry and the jitted pure transition.
+
+  Args:
+    model: a `WanDiT`.
+    context: text embeddings `[B, L, text_dim]` (zero-padded to the model's text length as the
+      original does).
+    config: the `rollout` config section.
+    latent_hw: latent (H, W); defaults to `config.latent_hw`.
+    sampler_config: the `sampler` section (defaults to asvd's Self-Forcing schedule).
+    full_config: unused; accepted so callers can pass the whole config's sections uniformly.
+
+  Returns:
+    `(state, cache, transition)` where `transition(state, cache, noise) -> (state, cache,
+    frames)` is jitted and pure (the model's parameters are an argument of the jitted step, not
+    constants baked into the program). `noise` is `[steps, B, Fs+F, H, W, C]` in adaptive
+    mode (state frames first) and `[steps, B, F, H, W, C]` otherwise.
+  """
+  del full_config
+  from asvd.config import base_config  # noqa: PLC0415
+
+  sampler_config = sampler_config if sampler_config is not None else base_config().sampler
+  lay = make_layout(config, model.cfg, latent_hw, sampler_config)
+  context = jnp.asarray(context)
+  state, cache = initial_carry(model, context, lay)
+  graphdef, params = nnx.split(model)
+  step = jax.jit(lambda p, s, c, n: transition_fn(nnx.merge(graphdef, p), lay, s, c, n))
+  want = noise_shape(lay, state.shape[0], model.cfg.in_channels)
+
+  def transition(state, cache, noise):
+    if tuple(noise.shape) != want:
+      raise ValueError(f"noise has shape {tuple(noise.shape)}; this transition expects {want} [steps, B, Fz, H, W, C]")
+    return step(params, state, cache, noise)
+
+  transition.layout = lay
+  transition.raw = step
+  transition.params = params
+  transition.graphdef = graphdef
+  return state, cache, transition
+
+
+__all__ = ["make_transition", "transition_fn", "Layout", "make_layout", "Cache"]
+
