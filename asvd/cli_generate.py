@@ -1,0 +1,135 @@
+"""`asvd generate` and `asvd eval attention`: streaming generation from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+
+def add_commands(sub) -> None:
+  g = sub.add_parser("generate", help="stream a video's latents chunk by chunk (and an mp4 when a VAE is given)")
+  _common(g)
+  g.add_argument("--vae", default=None, help="Wan VAE (diffusers folder or Wan2.1_VAE.pth) to decode an mp4")
+  g.add_argument("--fps", type=int, default=16)
+  g.set_defaults(func=cmd_generate)
+
+  e = sub.add_parser("eval", help="evaluation tools")
+  esub = e.add_subparsers(dest="what", required=True)
+  a = esub.add_parser("attention", help="plot the attention share per cache slot group (PNG + JSON)")
+  _common(a)
+  a.set_defaults(func=cmd_eval_attention)
+
+
+def _common(p) -> None:
+  p.add_argument("--config", required=True, help="configs/X.py[:arg]; override keys with --config.a.b=v")
+  w = p.add_mutually_exclusive_group()
+  w.add_argument("--checkpoint", default=None, help="DiT checkpoint (diffusers / Wan / Self-Forcing .pt / asvd)")
+  w.add_argument("--init", choices=["random"], default=None, help="random weights (smoke runs)")
+  p.add_argument("--chunks", type=int, default=7, help="chunks to generate (F latent frames each)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--context", default=None, help=".npy text embeddings [B, L, text_dim] (default: random)")
+  p.add_argument("--out", required=True, help="output folder")
+
+
+def _setup(args, overrides):
+  """Validates everything cheap before any compile; returns (config, model, context)."""
+  import jax  # noqa: PLC0415
+
+  import asvd  # noqa: PLC0415
+  from asvd import transition as tr  # noqa: PLC0415
+
+  cfg = asvd.load_config(args.config, overrides)
+  if args.chunks < 1:
+    raise ValueError(f"--chunks={args.chunks} must be >= 1")
+  if args.checkpoint is None and args.init is None:
+    raise ValueError("give --checkpoint PATH or --init random")
+  if args.checkpoint is not None and not os.path.exists(args.checkpoint):
+    raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or folder")
+  if args.context is not None and not os.path.isfile(args.context):
+    raise FileNotFoundError(f"--context {args.context}: no such file")
+  from asvd.models.dit import DiTConfig  # noqa: PLC0415
+
+  tr.make_layout(cfg.rollout, DiTConfig.from_config(cfg.model), None, cfg.sampler)  # config errors now
+  if args.checkpoint:
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    model = asvd.load_dit(args.checkpoint, dtype=jnp.dtype(cfg.model.dtype))
+  else:
+    print(f"[asvd] random weights ({cfg.name}): a smoke run, the output is noise-like by design")
+    model = asvd.init_dit(cfg.model, jax.random.key(args.seed))
+  if args.context is not None:
+    context = np.load(args.context)
+    if context.ndim == 2:
+      context = context[None]
+    if context.shape[-1] != model.cfg.text_dim:
+      raise ValueError(f"--context {args.context}: shape {context.shape}, expected [B, L, {model.cfg.text_dim}]")
+  else:
+    rng = np.random.default_rng(args.seed)
+    context = rng.standard_normal((cfg.rollout.batch_size, model.cfg.text_len, model.cfg.text_dim)).astype(np.float32)
+  os.makedirs(args.out, exist_ok=True)
+  return cfg, model, context
+
+
+def cmd_generate(args, overrides) -> None:
+  import jax  # noqa: PLC0415
+  from tqdm import tqdm  # noqa: PLC0415
+
+  import asvd  # noqa: PLC0415
+
+  cfg, model, context = _setup(args, overrides)
+  vae = None
+  if args.vae:
+    vae = asvd.load_vae(args.vae)
+  frames_per_chunk = int(cfg.rollout.chunk_frames)
+  chunks, t0, writer, dec_cache = [], None, None, None
+  bar = tqdm(total=args.chunks, unit="chunk", desc="generate")
+  for i, lat in enumerate(asvd.stream(model, context, jax.random.key(args.seed), config=cfg.rollout, sampler_config=cfg.sampler, num_chunks=args.chunks)):
+    lat = np.asarray(lat)
+    if i == 0:
+      t0 = time.perf_counter()  # frames/s from chunk 1 on: chunk 0 includes the compile
+    chunks.append(lat)
+    if vae is not None:
+      writer, dec_cache = _decode_chunk(vae, lat, dec_cache, writer, args)
+    bar.update(1)
+    if i > 0:
+      bar.set_postfix(fps=f"{i * frames_per_chunk / (time.perf_counter() - t0):.2f} latent frames/s")
+  bar.close()
+  if writer is not None:
+    writer.close()
+  latents = np.concatenate(chunks, axis=1)
+  path = os.path.join(args.out, "latents.npy")
+  np.save(path, latents)
+  meta = {"config": args.config, "overrides": overrides, "seed": args.seed, "shape": list(latents.shape)}
+  with open(os.path.join(args.out, "generate.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+  print(f"wrote {path} {latents.shape}" + (f" and {os.path.join(args.out, 'video.mp4')}" if writer else ""))
+
+
+def _decode_chunk(vae, lat, cache, writer, args):
+  import imageio.v2 as imageio  # noqa: PLC0415
+
+  if cache is None:
+    cache = vae.init_decode_cache(lat.shape[0], lat.shape[2], lat.shape[3])
+  pixels, cache = vae.decode_chunk(lat, cache)
+  frames = np.clip((np.asarray(pixels[0]) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  if writer is None:
+    writer = imageio.get_writer(os.path.join(args.out, "video.mp4"), fps=args.fps, codec="libx264", macro_block_size=1)
+  for fr in frames:
+    writer.append_data(fr)
+  return writer, cache
+
+
+def cmd_eval_attention(args, overrides) -> None:
+  import jax  # noqa: PLC0415
+
+  from asvd.eval import attention  # noqa: PLC0415
+
+  cfg, model, context = _setup(args, overrides)
+  _, groups = attention.attention_shares(model, context, jax.random.key(args.seed), num_chunks=args.chunks, config=cfg.rollout, sampler_config=cfg.sampler)
+  png = attention.plot_attention_shares(groups, os.path.join(args.out, "attention_share.png"), f"{cfg.name}: anchor={cfg.rollout.anchor}")
+  with open(os.path.join(args.out, "attention_share.json"), "w") as f:
+    json.dump({k: np.asarray(v).tolist() for k, v in groups.items()}, f)
+  print(f"wrote {png}")

@@ -1,0 +1,55 @@
+"""The attention-share probe: how much attention mass each cache slot group receives.
+
+Groups (per chunk and layer, mean over heads and query tokens of the last denoising step):
+`anchor` (the state / sink / EMA slots), `window[i]` (each previous-window frame, oldest first)
+and `self` (the jointly denoised frames). This is the paper's motivation plot: a static anchor
+draws a large share; an adaptive state should share it with the window.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import asvd
+
+
+def attention_shares(model, context, key, *, num_chunks: int, config, sampler_config=None):
+  """Runs a probed rollout and groups the shares.
+
+  Returns:
+    `(latents, groups)` where `groups` is a dict name -> float array `[num_chunks, L]` (batch mean).
+  """
+  rc = config.copy_and_resolve_references()
+  rc.probe = True
+  latents, _, share = asvd.rollout(model, context, key, num_chunks=num_chunks, config=rc, sampler_config=sampler_config)
+  share = np.asarray(share).mean(axis=2)  # [chunks, L, N + Fz]
+  fs = 0 if rc.positions == "absolute" else int(rc.state_frames)
+  n = share.shape[-1] - (int(rc.chunk_frames) + (fs if rc.anchor == "adaptive" else 0))
+  groups = {}
+  if fs:
+    groups["anchor"] = share[..., :fs].sum(-1)
+  for i in range(n - fs):
+    groups[f"window[{i}]"] = share[..., fs + i]
+  groups["self"] = share[..., n:].sum(-1)
+  return latents, groups
+
+
+def plot_attention_shares(groups: dict, path: str, title: str = "attention share per slot group") -> str:
+  """Writes a PNG: left, share per group vs chunk (layer mean); right, per layer (chunk mean)."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  for name, g in groups.items():
+    ax1.plot(np.arange(g.shape[0]), g.mean(1), marker="o", label=name)
+    ax2.plot(np.arange(g.shape[1]), g.mean(0), marker=".", label=name)
+  ax1.set(xlabel="chunk", ylabel="share of attention mass", title="per chunk (mean over layers)")
+  ax2.set(xlabel="layer", title="per layer (mean over chunks)")
+  ax1.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
