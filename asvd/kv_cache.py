@@ -72,11 +72,11 @@ def empty_cache(text: TextKV, num_slots: int, tokens: int, dtype) -> Cache:
 
 def frames_of(x: jax.Array, tokens: int) -> jax.Array:
   """`[L, B, F*T, H, Dh]` -> `[L, B, F, T, H, Dh]`."""
-  l, b, s, h, d = x.shape
-  return x.reshape(l, b, s // tokens, tokens, h, d)
+  nl, b, s, h, d = x.shape
+  return x.reshape(nl, b, s // tokens, tokens, h, d)
 
 
 def tokens_of(x: jax.Array) -> jax.Array:
   """`[L, B, F, T, H, Dh]` -> `[L, B, F*T, H, Dh]`."""
-  l, b, f, t, h, d = x.shape
-  return x.reshape(l, b, f * t, h, d)
+  nl, b, f, t, h, d = x.shape
+  return x.reshape(nl, b, f * t, h, d)

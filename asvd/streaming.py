@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-
 from flax import nnx
 
 from asvd import sharding as shard_lib

@@ -26,6 +26,7 @@ absolute frame index.
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,7 +196,7 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
   k_new = kv_cache.frames_of(jax.lax.stop_gradient(aux["k"]).astype(cache.k.dtype), lay.tokens)
   v_new = kv_cache.frames_of(jax.lax.stop_gradient(aux["v"]).astype(cache.v.dtype), lay.tokens)
   k_old, v_old = kv_cache.frames_of(cache.k, lay.tokens), kv_cache.frames_of(cache.v, lay.tokens)
-  fs, wp, f = lay.state_frames, lay.window_frames, lay.chunk_frames
+  fs, f = lay.state_frames, lay.chunk_frames
   valid = cache.valid
 
   if lay.absolute:  # write the chunk at its absolute frame index; nothing is evicted

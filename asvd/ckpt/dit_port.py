@@ -46,8 +46,8 @@ from flax import nnx
 from asvd.ckpt.common import (
   CheckpointError,
   flat_abstract,
-  key_of,
   format_problems,
+  key_of,
   path_str,
   read_safetensors,
   read_safetensors_dir,

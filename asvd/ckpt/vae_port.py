@@ -45,6 +45,7 @@ from flax import nnx
 from asvd.ckpt.common import (
   CheckpointError,
   fill_state,
+  flat_abstract,
   read_safetensors,
   read_safetensors_dir,
   read_torch_checkpoint,
@@ -189,6 +190,17 @@ def diffusers_key_to_path(key: str) -> tuple[Any, ...]:
   return tuple(out)
 
 
+def path_to_diffusers_key(path: tuple[Any, ...]) -> str:
+  """Inverse of `diffusers_key_to_path`."""
+  out = []
+  for i, part in enumerate(path):
+    last = i == len(path) - 1
+    out.append("weight" if last and part == "kernel" else str(part))
+    if part == "resample":
+      out.append("1")
+  return ".".join(out)
+
+
 def convert_tensor(path: tuple[Any, ...], arr: np.ndarray) -> np.ndarray:
   """Torch layout -> NNX layout for the parameter at `path` (never raises: a tensor of an
   unexpected rank is passed through so the shape check can report it)."""
@@ -236,8 +248,16 @@ def _build(
     f"  (model built from base_dim={config.base_dim}, z_dim={config.z_dim}, "
     f"dim_mult={list(config.dim_mult)}, num_res_blocks={config.num_res_blocks}, "
     f"temperal_downsample={list(config.temperal_downsample)}; "
-    f"read with {'original Wan2.1' if original else 'diffusers'} key names)"
+    f"read with {'original Wan2.1' if original else 'diffusers'} key names; shapes are in the "
+    "channels-last layout, conv kernels (t, h, w, in, out))"
   )
+  missing = [p for p in flat_abstract(state) if p not in arrays]
+  if missing:
+    # fill_state names missing parameters by state path; add the checkpoint's own names.
+    names = [path_to_diffusers_key(p) for p in missing]
+    if original:
+      names = [diffusers_to_original_key(k, config) for k in names]
+    hint += "\n  missing key(s) in the checkpoint's naming: " + ", ".join(sorted(names))
   state = fill_state(state, arrays, source=source, dtype=dtype, hint=hint, describe=describe)
   return nnx.merge(graphdef, state)
 

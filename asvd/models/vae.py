@@ -75,7 +75,8 @@ _IGNORED_KEYS = frozenset({"dropout", "scale_factor_temporal", "scale_factor_spa
 class VAEConfig:
   """Static description of a `WanVAE`; field names follow diffusers' `AutoencoderKLWan`.
 
-  The defaults are the published Wan2.1 VAE (126,892,531 parameters).
+  The defaults are the published Wan2.1 VAE (126,892,531 parameters). As in diffusers,
+  `attn_scales` adds attention blocks to the encoder's down path only (Wan2.1 uses none).
   """
 
   base_dim: int = 96
@@ -94,15 +95,15 @@ class VAEConfig:
   def __post_init__(self):
     # Lists from JSON / ConfigDicts become tuples so the config stays hashable (it is static
     # metadata of the module graph, hence part of the jit cache key).
-    for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
-      object.__setattr__(self, name, tuple(getattr(self, name)))
-    object.__setattr__(self, "dim_mult", tuple(int(d) for d in self.dim_mult))
-    object.__setattr__(self, "attn_scales", tuple(float(s) for s in self.attn_scales))
-    object.__setattr__(
-      self, "temperal_downsample", tuple(bool(b) for b in self.temperal_downsample)
-    )
-    object.__setattr__(self, "latents_mean", tuple(float(m) for m in self.latents_mean))
-    object.__setattr__(self, "latents_std", tuple(float(s) for s in self.latents_std))
+    casts = {
+      "dim_mult": int,
+      "attn_scales": float,
+      "temperal_downsample": bool,
+      "latents_mean": float,
+      "latents_std": float,
+    }
+    for name, cast in casts.items():
+      object.__setattr__(self, name, tuple(cast(v) for v in getattr(self, name)))
     if len(self.temperal_downsample) != len(self.dim_mult) - 1:
       raise ValueError(
         f"temperal_downsample needs one flag per down stage ({len(self.dim_mult) - 1}), "
@@ -790,14 +791,33 @@ def init_vae(config: Any = None, key: Array | int = 0, *, dtype: Any = jnp.float
   cfg = VAEConfig.from_any(config if config is not None else VAEConfig())
   if isinstance(key, int):
     key = jax.random.key(key)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))
+  names = [str(getattr(kp[-1], "key", kp[-1])) for kp, _ in flat]
+  shapes = [sds.shape for _, sds in flat]
 
-  # Built inside one jit: eager construction would dispatch (and compile) every initialiser
-  # separately, which takes seconds even for tiny models.
-  def make_state(k):
-    return nnx.state(WanVAE(cfg, dtype=dtype, rngs=nnx.Rngs(params=k)))
+  # All kernels come from one uniform draw, sliced: the module's per-parameter initialisers
+  # would compile one threefry kernel per parameter shape (tens of seconds on CPU).
+  @jax.jit
+  def make(key):
+    total = sum(math.prod(s) for n, s in zip(names, shapes) if n == "kernel")
+    u = jax.random.uniform(key, (total,), jnp.float32, -1.0, 1.0)
+    leaves, off = [], 0
+    for n, shape in zip(names, shapes):
+      if n == "kernel":  # U(+-1/sqrt(fan_in)), PyTorch's default for convs and linears
+        size = math.prod(shape)
+        leaves.append(
+          (u[off : off + size].reshape(shape) / math.sqrt(size // shape[-1])).astype(dtype)
+        )
+        off += size
+      elif n == "gamma":
+        leaves.append(jnp.ones(shape, dtype))
+      else:
+        leaves.append(jnp.zeros(shape, dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: WanVAE(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
-  return nnx.merge(graphdef, jax.jit(make_state)(key))
+  nnx.replace_by_pure_dict(state, make(key))
+  return nnx.merge(graphdef, state)
 
 
 def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32, config: Any = None) -> WanVAE:
