@@ -216,7 +216,7 @@ class CausalConv3d(nnx.Module):
       if cache is None:
         cache = self.init_cache(x_bthwc.shape[0], x_bthwc.shape[2], x_bthwc.shape[3], x_bthwc.dtype)
       x_bthwc = jnp.concatenate([cache.astype(x_bthwc.dtype), x_bthwc], axis=1)
-      new_cache = jnp.zeros_like(x_bthwc[:, -self.cache_t :])
+      new_cache = x_bthwc[:, -self.cache_t :]
     ph, pw = self.pad_hw
     y = jax.lax.conv_general_dilated(
       x_bthwc,
