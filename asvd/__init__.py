@@ -21,6 +21,7 @@ _LAZY = {
   "make_transition": "asvd.transition",
   "rollout": "asvd.streaming",
   "stream": "asvd.streaming",
+  "prefill": "asvd.streaming",
   # VAE and text encoder.
   "WanVAE": "asvd.models.vae",
   "load_vae": "asvd.models.vae",

@@ -11,6 +11,7 @@ untouched.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -175,18 +176,22 @@ def stream(
   latent_hw=None,
   prompts: Sequence | None = None,
   num_chunks: int | None = None,
+  carry=None,
+  start_chunk: int = 0,
 ) -> Iterator[jax.Array]:
   """Yields each chunk's latents `[B, F, H, W, C]` for as long as the caller iterates.
 
   Same key -> the same latents as `rollout`. `prompts` switches prompts as in `rollout`;
-  `num_chunks` optionally stops the generator.
+  `num_chunks` optionally stops the generator; `carry`/`start_chunk` resume (or start from a
+  `prefill`ed cache).
   """
   context = _check_context(model, context)
-  prog, carry = _program(model, context, config, sampler_config, latent_hw, 1)
+  prog, init = _program(model, context, config, sampler_config, latent_hw, 1)
+  carry = init if carry is None else carry
   switches = _switch_schedule(model, prompts)
   key = _key(key)
-  c = 0
-  while num_chunks is None or c < num_chunks:
+  c = start_chunk
+  while num_chunks is None or c < start_chunk + num_chunks:
     if prog.lay.absolute and (c + 1) * prog.lay.chunk_frames > prog.lay.window_frames:
       return  # the absolute preset's buffer is full
     if c in switches:
@@ -196,6 +201,60 @@ def stream(
     c += 1
 
 
-__all__ = ["rollout", "stream", "chunk_noise"]
+def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, carry=None):
+  """Conditions a rollout on given clean latents (image- or video-to-video continuation).
+
+  The frames are written into the cache exactly as generated frames would be: chunk by chunk
+  (groups of `F`, the remainder as a smaller group), each by the clean re-run at the context
+  timestep. In `adaptive` mode the last given frame also starts the state (the
+  `state_init_target="last_frame"` choice of the causal-initialisation stage); in `sink` mode
+  the first given frames become the sink. Pass the returned carry to `rollout(carry=...)` or
+  `stream(carry=...)`.
+
+  Args:
+    model: the `WanDiT`.
+    context: text embeddings `[B, L, text_dim]`.
+    latents: clean (VAE-normalised) latents `[B, n, H, W, C]`, e.g. `vae.encode(image)`.
+    config: the `rollout` section.
+    sampler_config: the `sampler` section.
+    carry: continue from this carry instead of an empty cache.
+
+  Returns:
+    `(state, cache)`.
+  """
+  from asvd.config import base_config  # noqa: PLC0415
+
+  context = _check_context(model, context)
+  latents = jnp.asarray(latents, jnp.float32)
+  sampler_config = sampler_config if sampler_config is not None else base_config().sampler
+  if latents.ndim != 5:
+    raise ValueError(f"conditioning latents must be [B, n, H, W, C], got shape {latents.shape}")
+  lay = tr.make_layout(config, model.cfg, latents.shape[2:4], sampler_config)
+  n, f = latents.shape[1], lay.chunk_frames
+  if lay.absolute and n % f:
+    raise ValueError(f"the absolute preset prefills whole chunks: {n} frames is not a multiple of F={f}")
+  state, cache = tr.initial_carry(model, context, lay) if carry is None else carry
+  graphdef, params = nnx.split(model)
+  start = 0
+  while start < n:
+    g = min(f, n - start)
+    sub = dataclasses.replace(lay, chunk_frames=g)
+    x = latents[:, start : start + g]
+    if lay.anchor == "adaptive":
+      state = x[:, -lay.state_frames :] if g >= lay.state_frames else jnp.concatenate([state[:, g:], x], axis=1)
+      x = jnp.concatenate([state, x], axis=1)
+    cache = _prefill_step(graphdef, sub)(params, cache, x)
+    start += g
+  return state, cache
+
+
+def _prefill_step(graphdef, lay):
+  def step(params, cache, x0):
+    return tr.write_cache(nnx.merge(graphdef, params), lay, cache, x0, jnp.zeros((1, *x0.shape), x0.dtype))
+
+  return jax.jit(step)
+
+
+__all__ = ["rollout", "stream", "prefill", "chunk_noise"]
 
 

@@ -289,3 +289,31 @@ def test_block_causal_mask_helper():
     m.astype(int),
     [[1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]],
   )
+
+
+def test_prefill_conditions_like_generated_frames(model, context, cfg):
+  """Prefilling generated frames reproduces the cache (and the continuation) of the rollout."""
+  for anchor in ("sink", "none", "adaptive"):
+    rc = rcfg(cfg, anchor=anchor)
+    lat, (state, cache) = asvd.rollout(model, context, 2, num_chunks=2, config=rc)
+    st, pc = asvd.prefill(model, context, lat, config=rc)
+    lay = tr.make_layout(rc, model.cfg, None, cfg.sampler)
+    t = lay.tokens
+    # window slots: identical K/V when the frames are the same (sink: also the anchor)
+    fs = lay.state_frames
+    if anchor != "adaptive":  # adaptive: the window frames attended to the generated state
+      np.testing.assert_allclose(np.asarray(pc.k[:, :, fs * t :]), np.asarray(cache.k[:, :, fs * t :]), atol=2e-4, rtol=1e-3)
+    np.testing.assert_array_equal(np.asarray(pc.valid), np.asarray(cache.valid))
+    if anchor == "sink":
+      np.testing.assert_allclose(np.asarray(pc.k[:, :, :t]), np.asarray(cache.k[:, :, :t]), atol=2e-4, rtol=1e-3)
+      cont_a, _ = asvd.rollout(model, context, 2, num_chunks=1, config=rc, carry=(state, cache), start_chunk=2)
+      cont_b, _ = asvd.rollout(model, context, 2, num_chunks=1, config=rc, carry=(st, pc), start_chunk=2)
+      np.testing.assert_allclose(np.asarray(cont_a), np.asarray(cont_b), atol=1e-3, rtol=1e-3)
+    if anchor == "adaptive":
+      np.testing.assert_array_equal(np.asarray(st), np.asarray(lat[:, -1:]))
+  # a single image (fewer frames than a chunk) is a valid condition
+  img = jax.random.normal(jax.random.key(3), (2, 1, 8, 8, 16))
+  st, pc = asvd.prefill(model, context, img, config=rcfg(cfg))
+  np.testing.assert_array_equal(np.asarray(pc.valid[0]), [True, False, False, True])
+  out = list(asvd.stream(model, context, 0, config=rcfg(cfg), carry=(st, pc), num_chunks=1))
+  assert out[0].shape == (2, 3, 8, 8, 16)
