@@ -10,10 +10,15 @@ import numpy as np
 
 
 def add_commands(sub) -> None:
-  g = sub.add_parser("generate", help="stream a video's latents chunk by chunk (and an mp4 when a VAE is given)")
+  g = sub.add_parser("generate", help="text-to-video from real weights, or stream latents from a DiT alone")
   _common(g)
-  g.add_argument("--vae", default=None, help="Wan VAE (diffusers folder or Wan2.1_VAE.pth) to decode an mp4")
-  g.add_argument("--fps", type=int, default=16)
+  g.add_argument("--prompt", default=None, help="text prompt (with --weights)")
+  g.add_argument("--weights", default=None, help="Wan2.1-T2V-1.3B folder: VAE, umT5, tokenizer (+ the DiT or --checkpoint)")
+  cond = g.add_mutually_exclusive_group()
+  cond.add_argument("--image", default=None, help="condition on this image (image-to-video)")
+  cond.add_argument("--video", default=None, help="continue this video (its last 1+4k frames)")
+  g.add_argument("--vae", default=None, help="Wan VAE to decode an mp4 when generating from a DiT alone")
+  g.add_argument("--fps", type=int, default=None, help="mp4 frame rate (default config.pipeline.fps = 16)")
   g.set_defaults(func=cmd_generate)
 
   e = sub.add_parser("eval", help="evaluation tools")
@@ -24,7 +29,7 @@ def add_commands(sub) -> None:
 
 
 def _common(p) -> None:
-  p.add_argument("--config", required=True, help="configs/X.py[:arg]; override keys with --config.a.b=v")
+  p.add_argument("--config", default=None, help="configs/X.py[:arg] (default with --weights: configs/wan_t2v_1_3b.py); override keys with --config.a.b=v")
   w = p.add_mutually_exclusive_group()
   w.add_argument("--checkpoint", default=None, help="DiT checkpoint (diffusers / Wan / Self-Forcing .pt / asvd)")
   w.add_argument("--init", choices=["random"], default=None, help="random weights (smoke runs)")
@@ -73,12 +78,56 @@ def _setup(args, overrides):
   return cfg, model, context
 
 
+def cmd_t2v(args, overrides) -> None:
+  """`--weights`: prompt -> umT5 -> streaming transition -> streaming VAE -> mp4."""
+  from tqdm import tqdm  # noqa: PLC0415
+
+  import asvd  # noqa: PLC0415
+  from asvd import pipeline  # noqa: PLC0415
+
+  if not args.prompt:
+    raise ValueError("--weights needs --prompt")
+  if args.chunks < 1:
+    raise ValueError(f"--chunks={args.chunks} must be >= 1")
+  cfg = asvd.load_config(args.config or "configs/wan_t2v_1_3b.py", overrides)
+  pipeline.find_weights(args.weights, args.checkpoint)  # every missing file listed, before loading
+  cond_path = args.image or args.video
+  if cond_path and not os.path.isfile(cond_path):
+    raise FileNotFoundError(f"--{'image' if args.image else 'video'} {cond_path}: no such file")
+  os.makedirs(args.out, exist_ok=True)
+  pipe = pipeline.T2V.from_weights(args.weights, config=cfg, checkpoint=args.checkpoint)
+  condition = None
+  if cond_path:
+    s = pipe.vae.config.spatial_factor
+    hw = (cfg.rollout.latent_hw[0] * s, cfg.rollout.latent_hw[1] * s)
+    condition = pipeline.read_condition(cond_path, hw)
+  path = os.path.join(args.out, "video.mp4")
+  bar = tqdm(total=args.chunks + (1 if condition is not None else 0), unit="chunk", desc="t2v")
+  t0 = time.perf_counter()
+  n = pipeline.write_mp4(
+    pipe.generate(args.prompt, chunks=args.chunks, seed=args.seed, condition=condition),
+    path,
+    fps=args.fps or int(cfg.pipeline.fps),
+    on_chunk=lambda k: (bar.update(1), bar.set_postfix(fps=f"{k / max(time.perf_counter() - t0, 1e-9):.1f} frames/s")),
+  )
+  bar.close()
+  with open(os.path.join(args.out, "generate.json"), "w") as f:
+    json.dump({"prompt": args.prompt, "weights": args.weights, "checkpoint": args.checkpoint, "config": args.config, "overrides": overrides, "seed": args.seed, "frames": n}, f, indent=2)
+  print(f"wrote {path} ({n} frames)")
+
+
 def cmd_generate(args, overrides) -> None:
   import jax  # noqa: PLC0415
   from tqdm import tqdm  # noqa: PLC0415
 
   import asvd  # noqa: PLC0415
 
+  if args.weights:
+    return cmd_t2v(args, overrides)
+  if args.prompt:
+    raise ValueError("--prompt needs --weights DIR (the Wan2.1 VAE, umT5 and tokenizer)")
+  if args.config is None:
+    raise ValueError("give --config configs/X.py (or --weights DIR --prompt ...)")
   cfg, model, context = _setup(args, overrides)
   vae = None
   if args.vae:
@@ -116,7 +165,7 @@ def _decode_chunk(vae, lat, cache, writer, args):
   pixels, cache = vae.decode_chunk(lat, cache)
   frames = np.clip((np.asarray(pixels[0]) + 1.0) * 127.5, 0, 255).astype(np.uint8)
   if writer is None:
-    writer = imageio.get_writer(os.path.join(args.out, "video.mp4"), fps=args.fps, codec="libx264", macro_block_size=1)
+    writer = imageio.get_writer(os.path.join(args.out, "video.mp4"), fps=args.fps or 16, codec="libx264", macro_block_size=1)
   for fr in frames:
     writer.append_data(fr)
   return writer, cache
@@ -127,6 +176,8 @@ def cmd_eval_attention(args, overrides) -> None:
 
   from asvd.eval import attention  # noqa: PLC0415
 
+  if args.config is None:
+    raise ValueError("give --config configs/X.py")
   cfg, model, context = _setup(args, overrides)
   _, groups = attention.attention_shares(model, context, jax.random.key(args.seed), num_chunks=args.chunks, config=cfg.rollout, sampler_config=cfg.sampler)
   png = attention.plot_attention_shares(groups, os.path.join(args.out, "attention_share.png"), f"{cfg.name}: anchor={cfg.rollout.anchor}")

@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   c.train = ml_collections.ConfigDict(dict(horizon_frames=21, horizon_alpha=2.0))
+  # Text-to-video pipeline (asvd.pipeline): None = the published Wan2.1 VAE / umT5-XXL; a dict
+  # of constructor arguments selects another architecture (used by tiny end-to-end tests).
+  c.pipeline = ml_collections.ConfigDict(dict(vae=None, text_encoder=None, fps=16))
   c.seed = 0
   return c
 

@@ -1,0 +1,177 @@
+"""Text-to-video end to end: prompt -> umT5 -> streaming transition -> streaming VAE -> mp4.
+
+`T2V.from_weights(weights_dir, checkpoint=..., config=...)` expects the Wan2.1-T2V-1.3B folder
+layout (what `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B` gives, copied here by hand):
+
+    WEIGHTS/Wan2.1_VAE.pth                       the VAE (or WEIGHTS/vae/ in diffusers layout)
+    WEIGHTS/models_t5_umt5-xxl-enc-bf16.pth      the umT5-XXL encoder (or WEIGHTS/text_encoder/)
+    WEIGHTS/google/umt5-xxl/                     tokenizer.json or spiece.model (or WEIGHTS/tokenizer/)
+    DiT: --checkpoint PATH (a Self-Forcing .pt, a diffusers/Wan folder or an asvd checkpoint),
+         else WEIGHTS/self_forcing_dmd.pt, WEIGHTS/checkpoints/self_forcing_dmd.pt or WEIGHTS/asvd_dit/
+
+Missing pieces raise one `FileNotFoundError` listing every expected file and which are absent.
+Video is decoded chunk by chunk with the VAE's causal-conv cache and appended to the mp4 as it
+arrives (16 fps by default); the adaptive state is never decoded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VAE_FILES = ("Wan2.1_VAE.pth", "vae")
+T5_FILES = ("models_t5_umt5-xxl-enc-bf16.pth", "text_encoder")
+TOKENIZER_FILES = ("google/umt5-xxl", "tokenizer")
+DIT_FILES = ("self_forcing_dmd.pt", "checkpoints/self_forcing_dmd.pt", "asvd_dit")
+
+
+def _first(weights: str, names) -> str | None:
+  for n in names:
+    p = os.path.join(weights, n)
+    if os.path.exists(p):
+      return p
+  return None
+
+
+def find_weights(weights: str, checkpoint: str | None = None) -> dict[str, str]:
+  """Paths of the VAE, text encoder, tokenizer and DiT; one clear error for everything missing."""
+  found = {
+    "vae": _first(weights, VAE_FILES),
+    "text_encoder": _first(weights, T5_FILES),
+    "tokenizer": _first(weights, TOKENIZER_FILES),
+    "dit": checkpoint if checkpoint and os.path.exists(checkpoint) else (None if checkpoint else _first(weights, DIT_FILES)),
+  }
+  expect = {
+    "vae": " or ".join(VAE_FILES),
+    "text_encoder": " or ".join(T5_FILES),
+    "tokenizer": " or ".join(f"{t}/(tokenizer.json|spiece.model)" for t in TOKENIZER_FILES),
+    "dit": (checkpoint if checkpoint else " or ".join(DIT_FILES) + " (or pass --checkpoint)"),
+  }
+  missing = [k for k, v in found.items() if v is None]
+  if not os.path.isdir(weights) or missing:
+    lines = [f"weights folder {weights!r} is incomplete; expected:"]
+    for k, want in expect.items():
+      lines.append(f"  [{'ok' if found[k] else 'MISSING'}] {k}: {want}")
+    lines.append("Wan2.1-T2V-1.3B holds the VAE, umT5 and tokenizer; the DiT is a Self-Forcing or asvd checkpoint.")
+    raise FileNotFoundError("\n".join(lines))
+  return found
+
+
+class T2V:
+  """The loaded pipeline: tokenizer, text encoder, DiT, VAE and the config."""
+
+  def __init__(self, *, tokenizer, text_encoder, dit, vae, config):
+    self.tokenizer, self.text_encoder, self.dit, self.vae, self.config = tokenizer, text_encoder, dit, vae, config
+
+  @classmethod
+  def from_weights(cls, weights: str, *, config, checkpoint: str | None = None) -> T2V:
+    """Loads every component (see the module docstring for the folder layout).
+
+    Args:
+      weights: the Wan2.1 folder.
+      config: the full asvd config; `config.pipeline.vae` / `config.pipeline.text_encoder` may
+        give non-default architectures (None: the published Wan2.1 ones), `config.model` the DiT
+        (used for checkpoints that carry no config, such as a bare Self-Forcing .pt).
+      checkpoint: the DiT checkpoint (default: found in `weights`).
+    """
+    import asvd  # noqa: PLC0415
+
+    paths = find_weights(weights, checkpoint)
+    dt = jnp.dtype(config.model.dtype)
+    p = config.get("pipeline", {})
+    tok = asvd.load_tokenizer(paths["tokenizer"], max_length=int(config.model.text_len))
+    t5_cfg = _plain(p.get("text_encoder"))
+    if t5_cfg is not None:
+      from asvd.models.umt5 import UMT5Config  # noqa: PLC0415
+
+      t5_cfg = UMT5Config(**t5_cfg)
+    enc = asvd.load_text_encoder(paths["text_encoder"], dtype=dt, config=t5_cfg)
+    vae = asvd.load_vae(paths["vae"], dtype=jnp.float32, config=_plain(p.get("vae")))
+    dit_path = paths["dit"]
+    kw: dict[str, Any] = {"dtype": dt}
+    if os.path.isfile(dit_path) and not os.path.isfile(os.path.join(os.path.dirname(dit_path), "config.json")):
+      kw["model_config"] = config.model
+    dit = asvd.load_dit(dit_path, **kw)
+    return cls(tokenizer=tok, text_encoder=enc, dit=dit, vae=vae, config=config)
+
+  def encode_prompt(self, prompts) -> jax.Array:
+    import asvd  # noqa: PLC0415
+
+    return asvd.encode_prompts(self.text_encoder, self.tokenizer, prompts)
+
+  def encode_condition(self, pixels_bthwc: np.ndarray) -> jax.Array:
+    """Pixels `[B, T, H, W, 3]` in [-1, 1] (T = 1 + 4k) -> clean latents for `prefill`."""
+    return self.vae.encode(jnp.asarray(pixels_bthwc, jnp.float32))
+
+  def generate(self, prompt: str, *, chunks: int, seed: int = 0, condition: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Yields uint8 video frames `[T, H, W, 3]` chunk by chunk (batch 1).
+
+    With `condition` (pixels `[T, H, W, 3]` in [-1, 1], T = 1 + 4k), the frames are encoded,
+    written into the cache (`asvd.prefill`), and emitted first, so the video continues them.
+    """
+    import asvd  # noqa: PLC0415
+
+    ctx = self.encode_prompt([prompt])
+    rc = self.config.rollout
+    carry, dec = None, None
+    if condition is not None:
+      lat = self.encode_condition(condition[None])
+      if tuple(lat.shape[2:4]) != tuple(rc.latent_hw):
+        raise ValueError(f"condition encodes to latents {tuple(lat.shape[2:4])}, config rollout.latent_hw={tuple(rc.latent_hw)}")
+      carry = asvd.prefill(self.dit, ctx, lat, config=rc, sampler_config=self.config.sampler)
+      dec = self.vae.init_decode_cache(1, *lat.shape[2:4])
+      px, dec = self.vae.decode_chunk(lat, dec)
+      yield _to_uint8(px[0])
+    for lat in asvd.stream(self.dit, ctx, jax.random.key(seed), config=rc, sampler_config=self.config.sampler, num_chunks=chunks, carry=carry):
+      if dec is None:
+        dec = self.vae.init_decode_cache(lat.shape[0], lat.shape[2], lat.shape[3])
+      px, dec = self.vae.decode_chunk(lat, dec)
+      yield _to_uint8(px[0])
+
+
+def _plain(x):
+  if x is None:
+    return None
+  return x.to_dict() if hasattr(x, "to_dict") else dict(x)
+
+
+def _to_uint8(px) -> np.ndarray:
+  return np.clip((np.asarray(px, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def read_condition(path: str, hw: tuple[int, int], max_frames: int = 81) -> np.ndarray:
+  """An image or video file -> pixels `[T, H, W, 3]` in [-1, 1], T = 1 + 4k, resized to `hw`."""
+  import imageio.v3 as iio  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"condition {path}: no such file")
+  arr = iio.imread(path)
+  frames = arr[None] if arr.ndim == 3 else arr
+  n = 1 + 4 * ((min(len(frames), max_frames) - 1) // 4)
+  frames = frames[-n:]  # continue from the end of a video
+  out = [np.asarray(Image.fromarray(f[..., :3]).resize((hw[1], hw[0]), Image.BICUBIC)) for f in frames]
+  return np.stack(out).astype(np.float32) / 127.5 - 1.0
+
+
+def write_mp4(frames: Iterator[np.ndarray], path: str, fps: int = 16, on_chunk=None) -> int:
+  """Appends chunks of uint8 frames to an H.264 mp4 as they arrive; returns the frame count."""
+  import imageio.v2 as imageio  # noqa: PLC0415
+
+  n = 0
+  writer = imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, quality=8)
+  try:
+    for chunk in frames:
+      for f in chunk:
+        writer.append_data(f)
+      n += len(chunk)
+      if on_chunk is not None:
+        on_chunk(len(chunk))
+  finally:
+    writer.close()
+  return n

@@ -1,0 +1,162 @@
+"""Text-to-video end to end on tiny random weights written in the real on-disk formats.
+
+The weights folder mimics Wan2.1-T2V-1.3B: `Wan2.1_VAE.pth` (original VAE naming),
+`models_t5_umt5-xxl-enc-bf16.pth` (Wan's T5 naming, bf16), `google/umt5-xxl/spiece.model`,
+Wan's `config.json`, and a Self-Forcing `self_forcing_dmd.pt` (generator/generator_ema with
+`model.` prefixes). The torch models are diffusers / transformers ones, renamed here.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="writing the .pt/.pth formats needs the `torch` extra")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+spm = pytest.importorskip("sentencepiece")
+
+from asvd.ckpt import vae_port  # noqa: E402
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+VAE_CFG = dict(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True, True])
+T5_CFG = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128)
+
+DIT_TO_WAN = [
+  (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+  (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+  (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+  (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+  (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+  (r"^scale_shift_table$", "head.modulation"),
+  (r"^proj_out\.", "head.head."),
+  (r"\.scale_shift_table$", ".modulation"),
+  (r"\.attn1\.", ".self_attn."),
+  (r"\.attn2\.", ".cross_attn."),
+  (r"\.to_q\.", ".q."),
+  (r"\.to_k\.", ".k."),
+  (r"\.to_v\.", ".v."),
+  (r"\.to_out\.0\.", ".o."),
+  (r"\.norm2\.", ".norm3."),
+  (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
+  (r"\.ffn\.net\.2\.", ".ffn.2."),
+]
+T5_TO_WAN = {
+  ("0", "layer_norm.weight"): "norm1.weight",
+  ("0", "SelfAttention.q.weight"): "attn.q.weight",
+  ("0", "SelfAttention.k.weight"): "attn.k.weight",
+  ("0", "SelfAttention.v.weight"): "attn.v.weight",
+  ("0", "SelfAttention.o.weight"): "attn.o.weight",
+  ("0", "SelfAttention.relative_attention_bias.weight"): "pos_embedding.embedding.weight",
+  ("1", "layer_norm.weight"): "norm2.weight",
+  ("1", "DenseReluDense.wi_0.weight"): "ffn.gate.0.weight",
+  ("1", "DenseReluDense.wi_1.weight"): "ffn.fc1.weight",
+  ("1", "DenseReluDense.wo.weight"): "ffn.fc2.weight",
+}
+
+
+def _t5_to_wan(sd):
+  out = {}
+  for k, v in sd.items():
+    if k == "shared.weight":
+      out["token_embedding.weight"] = v
+    elif k == "encoder.final_layer_norm.weight":
+      out["norm.weight"] = v
+    elif k.startswith("encoder.block."):
+      p = k.split(".")
+      out[f"blocks.{p[2]}.{T5_TO_WAN[(p[4], '.'.join(p[5:]))]}"] = v
+  return out
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+  root = tmp_path_factory.mktemp("wan_tiny")
+  torch.manual_seed(0)
+  rng = np.random.default_rng(0)
+  # VAE in the original naming.
+  mean, std = rng.normal(size=16).round(3).tolist(), (0.5 + rng.random(16)).round(3).tolist()
+  vae = diffusers.AutoencoderKLWan(**VAE_CFG, latents_mean=mean, latents_std=std).eval()
+  torch.save({vae_port.diffusers_to_original_key(k, VAE_CFG): v for k, v in vae.state_dict().items()}, root / "Wan2.1_VAE.pth")
+  # umT5 encoder in Wan's naming, bf16 as released.
+  t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(**T5_CFG)).eval()
+  torch.save({k: v.to(torch.bfloat16) for k, v in _t5_to_wan(t5.state_dict()).items()}, root / "models_t5_umt5-xxl-enc-bf16.pth")
+  # Tokenizer: a tiny sentencepiece model with umT5's special ids.
+  tok_dir = root / "google" / "umt5-xxl"
+  tok_dir.mkdir(parents=True)
+  corpus = root / "corpus.txt"
+  words = ["cat", "dog", "surfing", "wave", "sunset", "city", "night", "red", "car", "forest", "river", "a", "the", "on", "in"]
+  corpus.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(300)))
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tok_dir / "spiece"), vocab_size=32, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram")
+  # Self-Forcing DiT checkpoint + Wan's config.json.
+  dit = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2).eval()
+  wan = {}
+  for k, v in dit.state_dict().items():
+    for pat, rep in DIT_TO_WAN:
+      k = re.sub(pat, rep, k)
+    wan[f"model.{k}"] = v
+  torch.save({"generator": wan, "generator_ema": wan, "critic": {}}, root / "self_forcing_dmd.pt")
+  (root / "config.json").write_text(json.dumps({"model_type": "t2v", "dim": 64, "num_heads": 2, "ffn_dim": 128, "freq_dim": 32, "num_layers": 2, "in_dim": 16, "out_dim": 16, "text_dim": 32, "text_len": 16, "patch_size": [1, 2, 2], "eps": 1e-6}))
+  cfg = root / "tiny_t2v.py"
+  cfg.write_text(
+    "from asvd.config import load_config\n\n\n"
+    "def get_config(arg=None):\n"
+    "  c = load_config('configs/tiny.py')\n"
+    f"  c.pipeline.vae = {dict(VAE_CFG, latents_mean=mean, latents_std=std)!r}\n"
+    "  c.pipeline.text_encoder = dict(vocab_size=128, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, num_buckets=32, max_distance=128)\n"
+    "  c.rollout.latent_hw = (4, 4)\n"
+    "  return c\n"
+  )
+  return root, cfg
+
+
+def run(*args):
+  return subprocess.run([sys.executable, "-m", "asvd.main", *args], capture_output=True, text=True, env=ENV)
+
+
+def read_video(path):
+  import imageio_ffmpeg
+
+  gen = imageio_ffmpeg.read_frames(str(path))
+  w, h = next(gen)["size"]
+  return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen])
+
+
+def test_generate_mp4_from_prompt(weights, tmp_path):
+  root, cfg = weights
+  p = run("generate", "--config", str(cfg), "--weights", str(root), "--prompt", "a cat surfing a wave at sunset", "--chunks", "2", "--out", str(tmp_path))
+  assert p.returncode == 0, p.stderr[-3000:]
+  frames = read_video(tmp_path / "video.mp4")
+  # 3 latent frames -> 1 + 4*2 = 9 pixel frames, then 12 per chunk; 32x32 pixels (latent 4x4 x 8).
+  assert frames.shape == (9 + 12, 32, 32, 3)
+  assert frames.std() > 1.0  # not a constant image
+  meta = json.loads((tmp_path / "generate.json").read_text())
+  assert meta["frames"] == 21
+
+
+def test_image_conditioning(weights, tmp_path):
+  import imageio.v3 as iio
+
+  root, cfg = weights
+  img = (np.indices((32, 32)).sum(0)[..., None] * np.array([4, 2, 1]) % 255).astype(np.uint8)
+  iio.imwrite(tmp_path / "start.png", img)
+  p = run("generate", "--config", str(cfg), "--weights", str(root), "--prompt", "a red car", "--image", str(tmp_path / "start.png"), "--chunks", "1", "--out", str(tmp_path / "o"))
+  assert p.returncode == 0, p.stderr[-3000:]
+  frames = read_video(tmp_path / "o" / "video.mp4")
+  assert frames.shape == (1 + 12, 32, 32, 3)  # the given frame, then one chunk continuing it
+
+
+def test_missing_weights_listed(weights, tmp_path):
+  root, cfg = weights
+  partial = tmp_path / "partial"
+  partial.mkdir()
+  os.symlink(root / "Wan2.1_VAE.pth", partial / "Wan2.1_VAE.pth")
+  p = run("generate", "--config", str(cfg), "--weights", str(partial), "--prompt", "x", "--out", str(tmp_path / "o"))
+  assert p.returncode == 2
+  assert "[ok] vae" in p.stderr and "[MISSING] text_encoder" in p.stderr and "[MISSING] tokenizer" in p.stderr
+  assert "[MISSING] dit" in p.stderr
+  p = run("generate", "--weights", str(root), "--out", str(tmp_path / "o"))
+  assert p.returncode == 2 and "--prompt" in p.stderr
