@@ -68,8 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=1,
       latent_hw=(60, 104),  # latent H, W (480x832 pixels)
       probe=False,  # return the attention share per slot group
-      recache_on_switch=False,  # re-run the window under a new prompt (modes other than adaptive)
-      state_timestep="same",  # same: the state is denoised at the chunk's timesteps
+      recache_on_switch=False,  # on a prompt switch, re-encode the window under the new prompt
+      scan_chunks=8,  # chunks per compiled rollout segment
     )
   )
   c.train = ml_collections.ConfigDict(dict(horizon_frames=21, horizon_alpha=2.0))

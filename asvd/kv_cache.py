@@ -26,6 +26,8 @@ class Cache:
     k: `[L, B, N*T, H, Dh]` un-rotated keys; slots `[0, Fs)` are the anchor, then the window.
     v: `[L, B, N*T, H, Dh]` values.
     valid: bool `[B, N]` per-slot validity.
+    lat: `[B, N, H, W, C]` the clean latent behind each slot (the state, sink or window frame;
+      zeros for the EMA anchor), kept so the window can be re-encoded under a new prompt.
     text: the prompt's cross-attention K/V, `[L, B, Lt, H, Dh]` each.
     chunk: int32 `[]` chunks generated so far. Only the absolute preset reads it (for RoPE and
       where to write); relative modes carry it for inspection.
@@ -34,6 +36,7 @@ class Cache:
   k: jax.Array
   v: jax.Array
   valid: jax.Array
+  lat: jax.Array
   text: TextKV
   chunk: jax.Array
 
@@ -52,19 +55,24 @@ class Cache:
       k=kv,
       v=kv,
       valid=("batch", "slots"),
+      lat=("batch", "slots", "height", "width", "channels"),
       text=TextKV(k=("layers", "batch", "text", "heads", "head_dim"), v=("layers", "batch", "text", "heads", "head_dim")),
       chunk=(),
     )
 
 
-def empty_cache(text: TextKV, num_slots: int, tokens: int, dtype) -> Cache:
-  """A cache with every slot invalid (zeros), shaped after the text K/V `[L, B, Lt, H, Dh]`."""
+def empty_cache(text: TextKV, num_slots: int, tokens: int, dtype, latent_shape) -> Cache:
+  """A cache with every slot invalid (zeros), shaped after the text K/V `[L, B, Lt, H, Dh]`.
+
+  `latent_shape` is one frame's `(H, W, C)`.
+  """
   layers, batch, _, heads, head_dim = text.k.shape
   shape = (layers, batch, num_slots * tokens, heads, head_dim)
   return Cache(
     k=jnp.zeros(shape, dtype),
     v=jnp.zeros(shape, dtype),
     valid=jnp.zeros((batch, num_slots), bool),
+    lat=jnp.zeros((batch, num_slots, *latent_shape), jnp.float32),
     text=text,
     chunk=jnp.zeros((), jnp.int32),
   )

@@ -68,6 +68,15 @@ class _Program:
       kw["out_shardings"] = (carry_sh, ys_sh)
     self.seg = jax.jit(seg, donate_argnums=(1,), **kw)
     self.one = jax.jit(one)
+    self.recache = jax.jit(lambda params, cache, text: tr.recache(nnx.merge(graphdef, params), lay, cache, text))
+    self.recache_on_switch = False
+
+  def switch(self, carry, text):
+    """A prompt switch: new text K/V (and, if configured, the window re-encoded under it)."""
+    state, cache = carry
+    if self.recache_on_switch:
+      return state, self.recache(self.params, cache, text)
+    return state, cache.replace(text=text)
 
 
 def _program(model, context, config, sampler_config, latent_hw, segment, mesh=None):
@@ -77,6 +86,7 @@ def _program(model, context, config, sampler_config, latent_hw, segment, mesh=No
   lay = tr.make_layout(config, model.cfg, latent_hw, sampler_config)
   carry = tr.initial_carry(model, context, lay)
   prog = _Program(model, lay, segment, carry[0].shape[0], mesh, bool(config.get("probe", False)))
+  prog.recache_on_switch = bool(config.get("recache_on_switch", False))
   return prog, carry
 
 
@@ -122,7 +132,9 @@ def rollout(
     sampler_config: the `sampler` section (default: Self-Forcing's 4 warped steps).
     latent_hw: latent (H, W), default `config.latent_hw`.
     prompts: optional prompt switches `[(chunk_index, context), ...]`; at a switch only the
-      text K/V in the cache change, the state and window carry on.
+      text K/V in the cache change, the state and window carry on (with
+      `config.recache_on_switch` the window is also re-encoded under the new prompt, as
+      LongLive does for caches without an adaptive state).
     carry: resume from a previous `final_carry` (with `start_chunk` its chunk count).
     start_chunk: index of the first chunk (noise keys continue from there).
     mesh: optional `jax.sharding.Mesh`; the carry is sharded by its logical axes (batch over
@@ -151,7 +163,7 @@ def rollout(
   c, end = start_chunk, start_chunk + num_chunks
   while c < end:
     if c in switches:
-      carry = (carry[0], carry[1].replace(text=switches[c]))
+      carry = prog.switch(carry, switches[c])
     nxt = min([s for s in switches if s > c] + [end])
     live = min(segment, nxt - c)
     carry, ys = prog.seg(prog.params, carry, key, jnp.int32(c), jnp.int32(live))
@@ -195,7 +207,7 @@ def stream(
     if prog.lay.absolute and (c + 1) * prog.lay.chunk_frames > prog.lay.window_frames:
       return  # the absolute preset's buffer is full
     if c in switches:
-      carry = (carry[0], carry[1].replace(text=switches[c]))
+      carry = prog.switch(carry, switches[c])
     carry, ys = prog.one(prog.params, carry, key, jnp.int32(c))
     yield ys[0]
     c += 1

@@ -204,7 +204,8 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
     k = jax.lax.dynamic_update_slice_in_dim(k_old, k_new, start, axis=2)
     v = jax.lax.dynamic_update_slice_in_dim(v_old, v_new, start, axis=2)
     valid = jax.lax.dynamic_update_slice_in_dim(valid, jnp.ones((b, f), bool), start, axis=1)
-    return cache.replace(k=kv_cache.tokens_of(k), v=kv_cache.tokens_of(v), valid=valid, chunk=cache.chunk + 1)
+    lat = jax.lax.dynamic_update_slice_in_dim(cache.lat, x0.astype(jnp.float32), start, axis=1)
+    return cache.replace(k=kv_cache.tokens_of(k), v=kv_cache.tokens_of(v), valid=valid, lat=lat, chunk=cache.chunk + 1)
 
   # Content K/V (the last F frames of z) enter the window; the oldest frames fall out.
   kx, vx = k_new[:, :, -f:], v_new[:, :, -f:]
@@ -213,15 +214,20 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
   win_valid = jnp.concatenate([valid[:, fs:], jnp.ones((b, f), bool)], axis=1)
   evicted_k, evicted_v, evicted_valid = win_k[:, :, :f], win_v[:, :, :f], win_valid[:, :f]
   win_k, win_v, win_valid = win_k[:, :, f:], win_v[:, :, f:], win_valid[:, f:]
+  x_lat = x0[:, -f:].astype(jnp.float32)
+  win_lat = jnp.concatenate([cache.lat[:, fs:], x_lat], axis=1)[:, f:]
 
   anc_k, anc_v, anc_valid = k_old[:, :, :fs], v_old[:, :, :fs], valid[:, :fs]
+  anc_lat = cache.lat[:, :fs]
   if lay.anchor == "adaptive":  # the new state's K/V replace the old state's
     anc_k, anc_v = k_new[:, :, :fs], v_new[:, :, :fs]
     anc_valid = jnp.ones_like(anc_valid)
+    anc_lat = x0[:, :fs].astype(jnp.float32)
   elif lay.anchor == "sink":  # the first generated frames, frozen afterwards
     keep = anc_valid[None, :, :, None, None, None]
     anc_k = jnp.where(keep, anc_k, kx[:, :, :fs])
     anc_v = jnp.where(keep, anc_v, vx[:, :, :fs])
+    anc_lat = jnp.where(anc_valid[:, :, None, None, None], anc_lat, x_lat[:, :fs])
     anc_valid = jnp.ones_like(anc_valid)
   elif lay.anchor == "ema":  # running average of evicted frames, oldest first
     d = lay.ema_decay
@@ -238,7 +244,42 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
   k = jnp.concatenate([anc_k, win_k], axis=2)
   v = jnp.concatenate([anc_v, win_v], axis=2)
   valid = jnp.concatenate([anc_valid, win_valid], axis=1)
-  return cache.replace(k=kv_cache.tokens_of(k), v=kv_cache.tokens_of(v), valid=valid, chunk=cache.chunk + 1)
+  lat = jnp.concatenate([anc_lat, win_lat], axis=1)
+  return cache.replace(k=kv_cache.tokens_of(k), v=kv_cache.tokens_of(v), valid=valid, lat=lat, chunk=cache.chunk + 1)
+
+
+def recache(model: WanDiT, lay: Layout, cache: Cache, text) -> Cache:
+  """Switches the prompt and re-encodes the window under it (LongLive-style recache).
+
+  The window's clean latents are run once at the context timestep with the new text; they attend
+  to the (kept) anchor slots and to each other (every valid window frame, bidirectionally), and
+  their K/V replace the window's. The anchor (state / sink / EMA) is kept, as LongLive keeps a
+  global sink. In `adaptive` mode a switch needs no recache (`rollout.recache_on_switch=False`):
+  the state carries over and the next chunk re-reads everything under the new prompt.
+  """
+  fs, wp, t = lay.state_frames, lay.window_frames, lay.tokens
+  cache = cache.replace(text=text)
+  b = cache.valid.shape[0]
+  win_valid = cache.valid[:, fs:]  # [B, Wp]
+  anchor_only = cache.replace(valid=cache.valid.at[:, fs:].set(False))
+  own = jnp.broadcast_to(win_valid[:, None, :], (b, wp, wp)) | jnp.eye(wp, dtype=bool)[None]
+  slot_pos = jnp.asarray(lay.slot_positions())
+  _, aux = model(
+    cache.lat[:, fs:],
+    jnp.full((b, wp), lay.context_timestep, jnp.float32),
+    text,
+    positions=slot_pos[fs:],
+    slots=anchor_only.slots(slot_pos),
+    frame_mask=own,
+    return_kv=True,
+  )
+  keep = win_valid[None, :, :, None, None, None]
+  k_old, v_old = kv_cache.frames_of(cache.k, t), kv_cache.frames_of(cache.v, t)
+  k_new = jnp.where(keep, kv_cache.frames_of(aux["k"].astype(cache.k.dtype), t), k_old[:, :, fs:])
+  v_new = jnp.where(keep, kv_cache.frames_of(aux["v"].astype(cache.v.dtype), t), v_old[:, :, fs:])
+  k = jnp.concatenate([k_old[:, :, :fs], jax.lax.stop_gradient(k_new)], axis=2)
+  v = jnp.concatenate([v_old[:, :, :fs], jax.lax.stop_gradient(v_new)], axis=2)
+  return cache.replace(k=kv_cache.tokens_of(k), v=kv_cache.tokens_of(v))
 
 
 def transition_fn(model: WanDiT, lay: Layout, state, cache: Cache, noise, probe: bool = False):
@@ -269,7 +310,7 @@ def initial_carry(model: WanDiT, context, lay: Layout):
   text = model.text_kv(jnp.asarray(context))
   b = text.k.shape[1]
   state = jnp.zeros((b, lay.state_frames, *lay.latent_hw, cfg.out_channels), jnp.float32)
-  cache = kv_cache.empty_cache(text, lay.num_slots, lay.tokens, jnp.dtype(cfg.dtype))
+  cache = kv_cache.empty_cache(text, lay.num_slots, lay.tokens, jnp.dtype(cfg.dtype), (*lay.latent_hw, cfg.out_channels))
   return state, cache
 
 

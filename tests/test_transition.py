@@ -317,3 +317,26 @@ def test_prefill_conditions_like_generated_frames(model, context, cfg):
   np.testing.assert_array_equal(np.asarray(pc.valid[0]), [True, False, False, True])
   out = list(asvd.stream(model, context, 0, config=rcfg(cfg), carry=(st, pc), num_chunks=1))
   assert out[0].shape == (2, 3, 8, 8, 16)
+
+
+def test_recache_on_switch_reencodes_window_only(model, context, cfg):
+  other = jax.random.normal(jax.random.key(42), context.shape)
+  rc = rcfg(cfg, anchor="sink", recache_on_switch=True)
+  lat_rc, (_, c_rc) = asvd.rollout(model, context, 4, num_chunks=2, config=rc, prompts=[(1, other)])
+  _, (_, c0) = asvd.rollout(model, context, 4, num_chunks=1, config=rc)
+  lay = tr.make_layout(rc, model.cfg, None, cfg.sampler)
+  t = lay.tokens
+  # By hand: chunk 0's frames (the window) re-run at t=0 under the new prompt, attending to the
+  # sink and to each other.
+  text = model.text_kv(other)
+  slots = c0.replace(valid=c0.valid.at[:, 1:].set(False)).slots(jnp.arange(4))
+  _, aux = model(c0.lat[:, 1:], jnp.zeros((2, 3)), text, positions=jnp.arange(1, 4), slots=slots, return_kv=True)
+  recached = tr.recache(model, lay, c0, text)
+  np.testing.assert_allclose(np.asarray(recached.k[:, :, t:]), np.asarray(aux["k"]), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(recached.k[:, :, :t]), np.asarray(c0.k[:, :, :t]))  # sink kept
+  np.testing.assert_array_equal(np.asarray(c0.lat[:, 1:]), np.asarray(lat_rc[:, :3]))  # lat = the frames
+  # The rollout with recache differs after the switch from the one without.
+  lat_plain, _ = asvd.rollout(model, context, 4, num_chunks=2, config=rcfg(cfg, anchor="sink"), prompts=[(1, other)])
+  np.testing.assert_array_equal(np.asarray(lat_rc[:, :3]), np.asarray(lat_plain[:, :3]))
+  assert not np.allclose(np.asarray(lat_rc[:, 3:]), np.asarray(lat_plain[:, 3:]))
+  assert bool(c_rc.valid.all())
