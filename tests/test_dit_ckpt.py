@@ -7,13 +7,13 @@ independently of asvd's own mapping.
 
 import json
 import os
-import re
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_refs import TINY_DIT, dit_to_wan_names
 
 import asvd
 from asvd.ckpt import dit_port
@@ -22,51 +22,7 @@ torch = pytest.importorskip("torch", reason="parity tests need the `torch` extra
 diffusers = pytest.importorskip("diffusers", reason="parity tests need diffusers (the `torch` extra)")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-TINY = dict(
-  patch_size=(1, 2, 2),
-  num_attention_heads=2,
-  attention_head_dim=16,
-  in_channels=16,
-  out_channels=16,
-  text_dim=32,
-  freq_dim=32,
-  ffn_dim=64,
-  num_layers=3,
-  cross_attn_norm=True,
-  qk_norm="rms_norm_across_heads",
-  eps=1e-6,
-  rope_max_seq_len=1024,
-)
-
-# diffusers name -> original Wan name (Wan2.1 repository / Self-Forcing checkpoints).
-DIFFUSERS_TO_WAN = [
-  (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-  (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-  (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-  (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-  (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-  (r"^scale_shift_table$", "head.modulation"),
-  (r"^proj_out\.", "head.head."),
-  (r"\.scale_shift_table$", ".modulation"),
-  (r"\.attn1\.", ".self_attn."),
-  (r"\.attn2\.", ".cross_attn."),
-  (r"\.to_q\.", ".q."),
-  (r"\.to_k\.", ".k."),
-  (r"\.to_v\.", ".v."),
-  (r"\.to_out\.0\.", ".o."),
-  (r"\.norm2\.", ".norm3."),
-  (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
-  (r"\.ffn\.net\.2\.", ".ffn.2."),
-]
-
-
-def to_wan_names(sd):
-  out = {}
-  for k, v in sd.items():
-    for pat, rep in DIFFUSERS_TO_WAN:
-      k = re.sub(pat, rep, k)
-    out[k] = v
-  return out
+TINY = TINY_DIT
 
 
 def wan_config_json(c):
@@ -157,7 +113,7 @@ def test_parity_bf16_checkpoint_read(reference, tmp_path):
 
 def test_original_wan_folder(reference, tmp_path):
   tr, _ = reference
-  sd = to_wan_names({k: v.contiguous() for k, v in tr.state_dict().items()})
+  sd = dit_to_wan_names({k: v.contiguous() for k, v in tr.state_dict().items()})
   safetensors_torch.save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
   (tmp_path / "config.json").write_text(json.dumps(wan_config_json(TINY)))
   assert_parity(asvd.load_dit(tmp_path), tr)
@@ -165,7 +121,7 @@ def test_original_wan_folder(reference, tmp_path):
 
 def test_self_forcing_pt(reference, tmp_path):
   tr, _ = reference
-  wan = to_wan_names(tr.state_dict())
+  wan = dit_to_wan_names(tr.state_dict())
   gen = {f"model.{k}": v for k, v in wan.items()}
   # EMA weights as FSDP saves them: wrapper fragments inside the key names.
   ema = {f"model._fsdp_wrapped_module.{k}": v.clone() for k, v in wan.items()}
@@ -178,7 +134,7 @@ def test_self_forcing_pt(reference, tmp_path):
 
 def test_self_forcing_pt_without_config_infers_shapes(reference, tmp_path):
   tr, _ = reference
-  gen = {f"model.{k}": v for k, v in to_wan_names(tr.state_dict()).items()}
+  gen = {f"model.{k}": v for k, v in dit_to_wan_names(tr.state_dict()).items()}
   torch.save({"generator": gen}, tmp_path / "ckpt.pt")
   # Shapes alone cannot give the head count of a toy model (Wan's head dim is 128): pass it.
   model = asvd.load_dit(tmp_path / "ckpt.pt", model_config={**_ours(TINY)})

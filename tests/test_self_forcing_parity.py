@@ -12,6 +12,7 @@ sequence with a block-causal attention mask (no cache code shared with asvd).
 import jax
 import numpy as np
 import pytest
+from torch_refs import TINY_DIT
 
 import asvd
 from asvd import streaming
@@ -21,20 +22,7 @@ torch = pytest.importorskip("torch", reason="parity tests need the `torch` extra
 diffusers = pytest.importorskip("diffusers", reason="parity tests need diffusers (the `torch` extra)")
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
-TINY = dict(
-  patch_size=(1, 2, 2),
-  num_attention_heads=2,
-  attention_head_dim=16,
-  in_channels=16,
-  out_channels=16,
-  text_dim=32,
-  freq_dim=32,
-  ffn_dim=64,
-  num_layers=2,
-  cross_attn_norm=True,
-  qk_norm="rms_norm_across_heads",
-  eps=1e-6,
-)
+TINY = {**TINY_DIT, "num_layers": 2}
 F, H, W = 3, 4, 6
 TOKENS = (H // 2) * (W // 2)
 

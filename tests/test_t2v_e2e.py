@@ -8,7 +8,6 @@ Wan's `config.json`, and a Self-Forcing `self_forcing_dmd.pt` (generator/generat
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -20,57 +19,13 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
+from torch_refs import dit_to_wan_names, t5_to_wan_names  # noqa: E402
+
 from asvd.ckpt import vae_port  # noqa: E402
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 VAE_CFG = dict(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True, True])
 T5_CFG = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128)
-
-DIT_TO_WAN = [
-  (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-  (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-  (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-  (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-  (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-  (r"^scale_shift_table$", "head.modulation"),
-  (r"^proj_out\.", "head.head."),
-  (r"\.scale_shift_table$", ".modulation"),
-  (r"\.attn1\.", ".self_attn."),
-  (r"\.attn2\.", ".cross_attn."),
-  (r"\.to_q\.", ".q."),
-  (r"\.to_k\.", ".k."),
-  (r"\.to_v\.", ".v."),
-  (r"\.to_out\.0\.", ".o."),
-  (r"\.norm2\.", ".norm3."),
-  (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
-  (r"\.ffn\.net\.2\.", ".ffn.2."),
-]
-T5_TO_WAN = {
-  ("0", "layer_norm.weight"): "norm1.weight",
-  ("0", "SelfAttention.q.weight"): "attn.q.weight",
-  ("0", "SelfAttention.k.weight"): "attn.k.weight",
-  ("0", "SelfAttention.v.weight"): "attn.v.weight",
-  ("0", "SelfAttention.o.weight"): "attn.o.weight",
-  ("0", "SelfAttention.relative_attention_bias.weight"): "pos_embedding.embedding.weight",
-  ("1", "layer_norm.weight"): "norm2.weight",
-  ("1", "DenseReluDense.wi_0.weight"): "ffn.gate.0.weight",
-  ("1", "DenseReluDense.wi_1.weight"): "ffn.fc1.weight",
-  ("1", "DenseReluDense.wo.weight"): "ffn.fc2.weight",
-}
-
-
-def _t5_to_wan(sd):
-  out = {}
-  for k, v in sd.items():
-    if k == "shared.weight":
-      out["token_embedding.weight"] = v
-    elif k == "encoder.final_layer_norm.weight":
-      out["norm.weight"] = v
-    elif k.startswith("encoder.block."):
-      p = k.split(".")
-      out[f"blocks.{p[2]}.{T5_TO_WAN[(p[4], '.'.join(p[5:]))]}"] = v
-  return out
-
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
@@ -83,7 +38,7 @@ def weights(tmp_path_factory):
   torch.save({vae_port.diffusers_to_original_key(k, VAE_CFG): v for k, v in vae.state_dict().items()}, root / "Wan2.1_VAE.pth")
   # umT5 encoder in Wan's naming, bf16 as released.
   t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(**T5_CFG)).eval()
-  torch.save({k: v.to(torch.bfloat16) for k, v in _t5_to_wan(t5.state_dict()).items()}, root / "models_t5_umt5-xxl-enc-bf16.pth")
+  torch.save({k: v.to(torch.bfloat16) for k, v in t5_to_wan_names(t5.state_dict()).items()}, root / "models_t5_umt5-xxl-enc-bf16.pth")
   # Tokenizer: a tiny sentencepiece model with umT5's special ids.
   tok_dir = root / "google" / "umt5-xxl"
   tok_dir.mkdir(parents=True)
@@ -93,11 +48,7 @@ def weights(tmp_path_factory):
   spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tok_dir / "spiece"), vocab_size=32, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram")
   # Self-Forcing DiT checkpoint + Wan's config.json.
   dit = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2).eval()
-  wan = {}
-  for k, v in dit.state_dict().items():
-    for pat, rep in DIT_TO_WAN:
-      k = re.sub(pat, rep, k)
-    wan[f"model.{k}"] = v
+  wan = {f"model.{k}": v for k, v in dit_to_wan_names(dit.state_dict()).items()}
   torch.save({"generator": wan, "generator_ema": wan, "critic": {}}, root / "self_forcing_dmd.pt")
   (root / "config.json").write_text(json.dumps({"model_type": "t2v", "dim": 64, "num_heads": 2, "ffn_dim": 128, "freq_dim": 32, "num_layers": 2, "in_dim": 16, "out_dim": 16, "text_dim": 32, "text_len": 16, "patch_size": [1, 2, 2], "eps": 1e-6}))
   cfg = root / "tiny_t2v.py"

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from torch_refs import t5_to_wan_names
 
 from asvd.ckpt.common import CheckpointError
 from asvd.models.umt5 import (
@@ -76,37 +77,7 @@ def _assert_close(out, ref, rel=1e-4):
 
 
 def _wan_state_dict(hf_state):
-  """Renames a transformers umT5 encoder state dict to Wan's T5Encoder key names.
-
-  Written independently of asvd.ckpt.umt5_port from Wan's module layout (wan/modules/t5.py):
-  blocks[i].{norm1, attn.{q,k,v,o}, norm2, ffn.{gate.0, fc1, fc2}, pos_embedding.embedding}.
-  """
-  out = {}
-  for key, t in hf_state.items():
-    if key == "shared.weight":
-      out["token_embedding.weight"] = t
-      continue
-    if key == "encoder.final_layer_norm.weight":
-      out["norm.weight"] = t
-      continue
-    if key == "encoder.embed_tokens.weight":
-      continue
-    parts = key.split(".")  # encoder.block.{i}.layer.{j}.<rest>
-    i, j, rest = parts[2], parts[4], ".".join(parts[5:])
-    new = {
-      ("0", "layer_norm.weight"): "norm1.weight",
-      ("0", "SelfAttention.q.weight"): "attn.q.weight",
-      ("0", "SelfAttention.k.weight"): "attn.k.weight",
-      ("0", "SelfAttention.v.weight"): "attn.v.weight",
-      ("0", "SelfAttention.o.weight"): "attn.o.weight",
-      ("0", "SelfAttention.relative_attention_bias.weight"): "pos_embedding.embedding.weight",
-      ("1", "layer_norm.weight"): "norm2.weight",
-      ("1", "DenseReluDense.wi_0.weight"): "ffn.gate.0.weight",
-      ("1", "DenseReluDense.wi_1.weight"): "ffn.fc1.weight",
-      ("1", "DenseReluDense.wo.weight"): "ffn.fc2.weight",
-    }[(j, rest)]
-    out[f"blocks.{i}.{new}"] = t
-  return out
+  return t5_to_wan_names(hf_state)
 
 
 # ------------------------------------------------------------------------------------------------
