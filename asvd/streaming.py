@@ -20,7 +20,6 @@ from flax import nnx
 
 from asvd import sharding as shard_lib
 from asvd import transition as tr
-from asvd.kv_cache import Cache
 from asvd.models.dit import WanDiT
 
 
@@ -60,8 +59,7 @@ class _Program:
 
     kw = {}
     if mesh is not None:
-      carry_axes = (("batch", "frames", "height", "width", "channels"), Cache.logical_axes())
-      carry_sh = shard_lib.logical_sharding(carry_axes, mesh)
+      carry_sh = tr.carry_shardings(mesh)
       kw = {"in_shardings": (None, carry_sh, None, None, None)}
       frames_sh = shard_lib.logical_sharding(("steps", "batch", "frames", "height", "width", "channels"), mesh)
       ys_sh = (frames_sh, None) if probe else (frames_sh,)

@@ -314,7 +314,17 @@ def initial_carry(model: WanDiT, context, lay: Layout):
   return state, cache
 
 
-def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_config=None, full_config=None):
+def carry_shardings(mesh, rules=None):
+  """`(state, cache)` shardings from the logical axes (batch over data/fsdp, heads over tensor)."""
+  from asvd import sharding as shard_lib  # noqa: PLC0415
+
+  axes = (("batch", "frames", "height", "width", "channels"), Cache.logical_axes())
+  return shard_lib.logical_sharding(axes, mesh, rules)
+
+
+def make_transition(
+  model: WanDiT, context, *, config, latent_hw=None, sampler_config=None, full_config=None, mesh=None, rules=None
+):
   """The initial carry and the jitted pure transition.
 
   Args:
@@ -325,6 +335,9 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
     latent_hw: latent (H, W); defaults to `config.latent_hw`.
     sampler_config: the `sampler` section (defaults to asvd's Self-Forcing schedule).
     full_config: unused; accepted so callers can pass the whole config's sections uniformly.
+    mesh: optional mesh; the jitted transition then takes and returns the carry with the
+      shardings of its logical axes (`carry_shardings`), the pjit way.
+    rules: logical-to-mesh rules (default `asvd.sharding.DEFAULT_RULES`).
 
   Returns:
     `(state, cache, transition)` where `transition(state, cache, noise) -> (state, cache,
@@ -340,7 +353,15 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
   context = jnp.asarray(context)
   state, cache = initial_carry(model, context, lay)
   graphdef, params = nnx.split(model)
-  step = jax.jit(lambda p, s, c, n: transition_fn(nnx.merge(graphdef, p), lay, s, c, n))
+  kw = {}
+  if mesh is not None:
+    from asvd import sharding as shard_lib  # noqa: PLC0415
+
+    state_sh, cache_sh = carry_shardings(mesh, rules)
+    noise_sh = shard_lib.logical_sharding(("steps", "batch", "frames", "height", "width", "channels"), mesh, rules)
+    kw = {"in_shardings": (None, state_sh, cache_sh, noise_sh), "out_shardings": (state_sh, cache_sh, state_sh)}
+    state, cache = jax.device_put((state, cache), (state_sh, cache_sh))
+  step = jax.jit(lambda p, s, c, n: transition_fn(nnx.merge(graphdef, p), lay, s, c, n), **kw)
   want = noise_shape(lay, state.shape[0], model.cfg.in_channels)
 
   def transition(state, cache, noise):

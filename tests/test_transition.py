@@ -340,3 +340,15 @@ def test_recache_on_switch_reencodes_window_only(model, context, cfg):
   np.testing.assert_array_equal(np.asarray(lat_rc[:, :3]), np.asarray(lat_plain[:, :3]))
   assert not np.allclose(np.asarray(lat_rc[:, 3:]), np.asarray(lat_plain[:, 3:]))
   assert bool(c_rc.valid.all())
+
+
+def test_make_transition_with_mesh_shardings(model, cfg):
+  ctx = jax.random.normal(jax.random.key(1), (2, 16, 32))
+  s0, c0, single = asvd.make_transition(model, ctx, config=rcfg(cfg))
+  mesh = shard_lib.make_mesh((2, 4), ("data", "model"))
+  s1, c1, sharded = asvd.make_transition(model, ctx, config=rcfg(cfg), mesh=mesh)
+  noise = noise_for(single, seed=4)
+  a = single(s0, c0, noise)
+  b = sharded(s1, c1, noise)
+  assert b[1].k.sharding.spec[1] == "data" and b[2].sharding.spec[0] == "data"
+  chex.assert_trees_all_close(a, b, atol=1e-5, rtol=1e-5)
