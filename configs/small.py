@@ -9,7 +9,20 @@ from asvd.config import base_config
 def get_config(arg=None):
   c = base_config()
   c.name = "small"
-  c.model.update(dim=512, ffn_dim=2048, freq_dim=256, num_heads=8, num_layers=6, text_dim=512, text_len=64)
+  # CPU-tuned (benchmarks/README.md): blocked attention keeps score tiles in cache, and
+  # per-layer weights avoid XLA:CPU upcasting the whole stacked bf16 weight tensor to f32 and
+  # back on every call of the scanned layers (no effect in f32).
+  c.model.update(
+    dim=512,
+    ffn_dim=2048,
+    freq_dim=256,
+    num_heads=8,
+    num_layers=6,
+    text_dim=512,
+    text_len=64,
+    attention="blocked",
+    scan_layers=False,
+  )
   if arg == "bf16":
     c.model.update(dtype="bfloat16", param_dtype="bfloat16")
   c.rollout.latent_hw = (32, 32)

@@ -17,6 +17,8 @@ Backends:
 * `dot_product`: `jax.nn.dot_product_attention` with XLA's own choice of implementation.
 * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel on
   NVIDIA GPUs (bf16/fp16 inputs).
+* `blocked`: exact attention one head and one query block at a time, so the f32 score tile stays
+  in cache; 1.7x faster than `xla` on CPUs (benchmarks/README.md). It does not tile over keys.
 Register more (e.g. a TPU splash kernel) with `register_attention`.
 """
 
@@ -79,6 +81,45 @@ def _dpa(q, k, v, frame_mask=None, probe=False, *, implementation=None):
   return out.astype(q.dtype), None
 
 
+def _blocked(q, k, v, frame_mask=None, probe=False, *, block_q=512):
+  """CPU-friendly exact attention: one head and one query block at a time (`lax.map`).
+
+  Same math as `_xla` (f32 scores and softmax, f32 accumulation), but
+  * head-major operands, so every dot is a plain `[Tq, Dh] x [Dh, Sk]` / `[Tq, Sk] x [Sk, Dh]`
+    matmul (`_xla`'s `bqhd,bkhd->bhqk` makes XLA:CPU transpose the probabilities and emit
+    strided batched dots);
+  * the f32 score tile of one step is `[B, block_q, Sk]` (3 MB at 512 x 1536) instead of
+    `[B, H, Sq, Sk]` (75 MB), so max / exp / sum / normalise run from cache, not from DRAM.
+  """
+  b, sq, h, dh = q.shape
+  sk = k.shape[1]
+  tq = max(t for t in range(1, min(sq, block_q) + 1) if sq % t == 0)  # largest divisor <= block_q
+  nb = sq // tq
+  scale = dh**-0.5
+  # [H * nb, B, tq, Dh] query tiles, head-major; [H, B, Sk, Dh] keys and values.
+  qt = jnp.transpose(q.reshape(b, nb, tq, h, dh), (3, 1, 0, 2, 4)).reshape(h * nb, b, tq, dh)
+  kt = jnp.transpose(k, (2, 0, 1, 3))
+  vt = jnp.transpose(v, (2, 0, 1, 3))
+  if frame_mask is not None:
+    fq, fk = frame_mask.shape[-2:]
+    # Token-level rows of the frame mask: [B|1, Sq, Fk] -> per tile [B|1, tq, Fk].
+    rows = jnp.repeat(frame_mask, sq // fq, axis=1).reshape(frame_mask.shape[0], nb, tq, fk)
+
+  def step(i):
+    hi, bi = i // nb, i % nb
+    s = jnp.einsum("bqd,bkd->bqk", qt[i], kt[hi], preferred_element_type=jnp.float32) * scale
+    if frame_mask is not None:
+      m = jnp.repeat(rows[:, bi], sk // fk, axis=-1)  # [B|1, tq, Sk]
+      s = jnp.where(m, s, _NEG)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bqk,bkd->bqd", p.astype(v.dtype), vt[hi], preferred_element_type=jnp.float32)
+
+  o = jax.lax.map(step, jnp.arange(h * nb))  # [H * nb, B, tq, Dh]
+  o = jnp.transpose(o.reshape(h, nb, b, tq, dh), (2, 1, 3, 0, 4)).reshape(b, sq, h, dh)
+  return o.astype(q.dtype), None
+
+
 register_attention("xla", _xla)
 register_attention("dot_product", functools.partial(_dpa, implementation=None))
+register_attention("blocked", _blocked)
 register_attention("cudnn", functools.partial(_dpa, implementation="cudnn"))
