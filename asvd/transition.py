@@ -322,9 +322,7 @@ def carry_shardings(mesh, rules=None):
   return shard_lib.logical_sharding(axes, mesh, rules)
 
 
-def make_transition(
-  model: WanDiT, context, *, config, latent_hw=None, sampler_config=None, full_config=None, mesh=None, rules=None
-):
+def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_config=None, mesh=None, rules=None):
   """The initial carry and the jitted pure transition.
 
   Args:
@@ -334,7 +332,6 @@ def make_transition(
     config: the `rollout` config section.
     latent_hw: latent (H, W); defaults to `config.latent_hw`.
     sampler_config: the `sampler` section (defaults to asvd's Self-Forcing schedule).
-    full_config: unused; accepted so callers can pass the whole config's sections uniformly.
     mesh: optional mesh; the jitted transition then takes and returns the carry with the
       shardings of its logical axes (`carry_shardings`), the pjit way.
     rules: logical-to-mesh rules (default `asvd.sharding.DEFAULT_RULES`).
@@ -345,7 +342,6 @@ def make_transition(
     constants baked into the program). `noise` is `[steps, B, Fs+F, H, W, C]` in adaptive
     mode (state frames first) and `[steps, B, F, H, W, C]` otherwise.
   """
-  del full_config
   from asvd.config import base_config  # noqa: PLC0415
 
   sampler_config = sampler_config if sampler_config is not None else base_config().sampler
