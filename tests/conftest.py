@@ -16,3 +16,22 @@ flags.FLAGS.mark_as_parsed()
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cfg():
+  """The tiny config (configs/tiny.py)."""
+  import asvd  # noqa: PLC0415
+
+  return asvd.load_config("configs/tiny.py")
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+  """A random tiny WanDiT (seed 0)."""
+  import asvd  # noqa: PLC0415
+
+  return asvd.init_dit(cfg.model, jax.random.key(0))

@@ -14,16 +14,6 @@ from asvd.models import dit as dit_lib
 from asvd.models import rope as rope_lib
 
 
-@pytest.fixture(scope="module")
-def cfg():
-  return asvd.load_config("configs/tiny.py")
-
-
-@pytest.fixture(scope="module")
-def model(cfg):
-  return asvd.init_dit(cfg.model, jax.random.key(0))
-
-
 def _inputs(b=2, f=4, h=8, w=12, seed=0, text_dim=32):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(k1, (b, f, h, w, 16))

@@ -14,16 +14,6 @@ from asvd.models import dit as dit_lib
 
 
 @pytest.fixture(scope="module")
-def cfg():
-  return asvd.load_config("configs/tiny.py")
-
-
-@pytest.fixture(scope="module")
-def model(cfg):
-  return asvd.init_dit(cfg.model, jax.random.key(0))
-
-
-@pytest.fixture(scope="module")
 def context():
   return jax.random.normal(jax.random.key(1), (2, 16, 32))
 

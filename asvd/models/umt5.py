@@ -259,6 +259,11 @@ class RelativePositionBias(nnx.Module):
     return jnp.transpose(bias_qkh, (2, 0, 1))
 
 
+def _linear(n_in: int, n_out: int, std: float, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+  """A bias-free linear layer with a normal(std) init (T5 has no biases)."""
+  return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=_normal(std), rngs=rngs)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention without 1/sqrt(d) scaling; bias and mask are added to the logits."""
 
@@ -268,15 +273,7 @@ class Attention(nnx.Module):
     self.dtype = dtype
 
     def linear(n_in, n_out, std):
-      return nnx.Linear(
-        n_in,
-        n_out,
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=dtype,
-        kernel_init=_normal(std),
-        rngs=rngs,
-      )
+      return _linear(n_in, n_out, std, dtype, rngs)
 
     # T5's init puts the missing 1/sqrt(d) of the logits into q's scale.
     self.q = linear(cfg.dim, cfg.dim_attn, (cfg.dim * cfg.dim_attn) ** -0.5)
@@ -314,15 +311,7 @@ class GatedFeedForward(nnx.Module):
     self.act = _ACTIVATIONS[cfg.activation]
 
     def linear(n_in, n_out):
-      return nnx.Linear(
-        n_in,
-        n_out,
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=dtype,
-        kernel_init=_normal(n_in**-0.5),
-        rngs=rngs,
-      )
+      return _linear(n_in, n_out, n_in**-0.5, dtype, rngs)
 
     self.gate = linear(cfg.dim, cfg.dim_ffn)
     self.fc1 = linear(cfg.dim, cfg.dim_ffn)
