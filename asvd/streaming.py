@@ -49,11 +49,15 @@ class _Program:
       return (out[0], out[1]), out[2:]
 
     def seg(params, carry, key, start, live):
+      def run(carry, i):
+        return one(params, carry, key, start + i)
+
+      def skip(carry, i):  # padding chunk: no compute, carry untouched, zero outputs
+        ys = jax.eval_shape(run, carry, i)[1]
+        return carry, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ys)
+
       def body(carry, i):
-        new, ys = one(params, carry, key, start + i)
-        keep = i < live  # padding chunks leave the carry as it was
-        carry = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, carry)
-        return carry, ys
+        return jax.lax.cond(i < live, run, skip, carry, i)
 
       return jax.lax.scan(body, carry, jnp.arange(segment))
 
