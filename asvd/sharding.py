@@ -27,6 +27,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   "width": None,
   "channels": None,
   "steps": None,
+  "chunks": None,
   "text": None,
 }
 

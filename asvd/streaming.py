@@ -37,8 +37,9 @@ def _key(key) -> jax.Array:
 class _Program:
   """Jitted segment scan + single-chunk step for one (model, layout), compiled once each."""
 
-  def __init__(self, model: WanDiT, lay: tr.Layout, segment: int, batch: int, mesh=None, probe=False):
+  def __init__(self, model: WanDiT, lay: tr.Layout, segment: int, batch: int, mesh=None, *, probe=False, recache_on_switch=False):
     self.lay, self.segment, self.probe = lay, segment, probe
+    self.recache_on_switch = recache_on_switch
     self.graphdef, self.params = nnx.split(model)
     self.shape = tr.noise_shape(lay, batch, model.cfg.in_channels)
     graphdef, shape = self.graphdef, self.shape
@@ -65,13 +66,12 @@ class _Program:
     if mesh is not None:
       carry_sh = tr.carry_shardings(mesh)
       kw = {"in_shardings": (None, carry_sh, None, None, None)}
-      frames_sh = shard_lib.logical_sharding(("steps", "batch", "frames", "height", "width", "channels"), mesh)
+      frames_sh = shard_lib.logical_sharding(("chunks", "batch", "frames", "height", "width", "channels"), mesh)
       ys_sh = (frames_sh, None) if probe else (frames_sh,)
       kw["out_shardings"] = (carry_sh, ys_sh)
     self.seg = jax.jit(seg, donate_argnums=(1,), **kw)
     self.one = jax.jit(one)
     self.recache = jax.jit(lambda params, cache, text: tr.recache(nnx.merge(graphdef, params), lay, cache, text))
-    self.recache_on_switch = False
 
   def switch(self, carry, text):
     """A prompt switch: new text K/V (and, if configured, the window re-encoded under it)."""
@@ -82,13 +82,17 @@ class _Program:
 
 
 def _program(model, context, config, sampler_config, latent_hw, segment, mesh=None):
-  from asvd.config import base_config  # noqa: PLC0415
-
-  sampler_config = sampler_config if sampler_config is not None else base_config().sampler
   lay = tr.make_layout(config, model.cfg, latent_hw, sampler_config)
   carry = tr.initial_carry(model, context, lay)
-  prog = _Program(model, lay, segment, carry[0].shape[0], mesh, bool(config.get("probe", False)))
-  prog.recache_on_switch = bool(config.get("recache_on_switch", False))
+  prog = _Program(
+    model,
+    lay,
+    segment,
+    carry[0].shape[0],
+    mesh,
+    probe=bool(config.get("probe", False)),
+    recache_on_switch=bool(config.get("recache_on_switch", False)),
+  )
   return prog, carry
 
 
@@ -236,11 +240,8 @@ def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, car
   Returns:
     `(state, cache)`.
   """
-  from asvd.config import base_config  # noqa: PLC0415
-
   context = _check_context(model, context)
   latents = jnp.asarray(latents, jnp.float32)
-  sampler_config = sampler_config if sampler_config is not None else base_config().sampler
   if latents.ndim != 5:
     raise ValueError(f"conditioning latents must be [B, n, H, W, C], got shape {latents.shape}")
   lay = tr.make_layout(config, model.cfg, latents.shape[2:4], sampler_config)
@@ -249,24 +250,26 @@ def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, car
     raise ValueError(f"the absolute preset prefills whole chunks: {n} frames is not a multiple of F={f}")
   state, cache = tr.initial_carry(model, context, lay) if carry is None else carry
   graphdef, params = nnx.split(model)
+  steps = {}  # group size -> jitted cache write: whole chunks share one compile, a remainder one more
+
+  def write(g):
+    if g not in steps:
+      sub = dataclasses.replace(lay, chunk_frames=g)
+      steps[g] = jax.jit(
+        lambda p, c, x0: tr.write_cache(nnx.merge(graphdef, p), sub, c, x0, jnp.zeros((1, *x0.shape), x0.dtype))
+      )
+    return steps[g]
+
   start = 0
   while start < n:
     g = min(f, n - start)
-    sub = dataclasses.replace(lay, chunk_frames=g)
     x = latents[:, start : start + g]
     if lay.anchor == "adaptive":
       state = x[:, -lay.state_frames :] if g >= lay.state_frames else jnp.concatenate([state[:, g:], x], axis=1)
       x = jnp.concatenate([state, x], axis=1)
-    cache = _prefill_step(graphdef, sub)(params, cache, x)
+    cache = write(g)(params, cache, x)
     start += g
   return state, cache
-
-
-def _prefill_step(graphdef, lay):
-  def step(params, cache, x0):
-    return tr.write_cache(nnx.merge(graphdef, params), lay, cache, x0, jnp.zeros((1, *x0.shape), x0.dtype))
-
-  return jax.jit(step)
 
 
 __all__ = ["rollout", "stream", "prefill", "chunk_noise"]

@@ -80,7 +80,14 @@ class Layout:
 
 
 def make_layout(config, model_cfg, latent_hw=None, sampler_config=None) -> Layout:
-  """Validates the `rollout` config (named keys in errors) and derives the static layout."""
+  """Validates the `rollout` config (named keys in errors) and derives the static layout.
+
+  `sampler_config` defaults to asvd's Self-Forcing schedule (`base_config().sampler`).
+  """
+  if sampler_config is None:
+    from asvd.config import base_config  # noqa: PLC0415
+
+    sampler_config = base_config().sampler
   r = config
   anchor = r.anchor
   if anchor not in ANCHORS:
@@ -160,8 +167,6 @@ def denoise(model: WanDiT, lay: Layout, cache: Cache, noise: jax.Array, probe: b
   steps = len(lay.timesteps)
   ts = jnp.asarray(lay.timesteps, jnp.float32)
   sig = jnp.asarray(lay.sigmas, jnp.float32)
-  sig_next = jnp.concatenate([sig[1:], jnp.zeros((1,), jnp.float32)])
-  fresh = jnp.concatenate([noise[1:], jnp.zeros_like(noise[:1])])  # noise[i+1] for step i
 
   def predict(z, t, want_probe):
     t_bf = jnp.full((b, fz), t, jnp.float32)
@@ -177,7 +182,8 @@ def denoise(model: WanDiT, lay: Layout, cache: Cache, noise: jax.Array, probe: b
   # All but the last step in a scan (one traced model call); the last one may probe.
   z = noise[0].astype(jnp.float32)
   if steps > 1:
-    z, _ = jax.lax.scan(step, z, (ts[:-1], sig[:-1], sig_next[:-1], fresh[:-1]))
+    # step i re-noises to sigma_{i+1} with noise[i+1]
+    z, _ = jax.lax.scan(step, z, (ts[:-1], sig[:-1], sig[1:], noise[1:]))
   v, aux = predict(z, ts[-1], probe)
   x0 = z - sig[-1] * v
   return x0, (aux["share"] if probe else None)
@@ -342,9 +348,6 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
     constants baked into the program). `noise` is `[steps, B, Fs+F, H, W, C]` in adaptive
     mode (state frames first) and `[steps, B, F, H, W, C]` otherwise.
   """
-  from asvd.config import base_config  # noqa: PLC0415
-
-  sampler_config = sampler_config if sampler_config is not None else base_config().sampler
   lay = make_layout(config, model.cfg, latent_hw, sampler_config)
   context = jnp.asarray(context)
   state, cache = initial_carry(model, context, lay)
