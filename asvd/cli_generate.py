@@ -131,44 +131,43 @@ def cmd_generate(args, overrides) -> None:
   cfg, model, context = _setup(args, overrides)
   vae = None
   if args.vae:
-    vae = asvd.load_vae(args.vae)
+    from asvd.pipeline import plain_config  # noqa: PLC0415
+
+    vae = asvd.load_vae(args.vae, config=plain_config(cfg.pipeline.get("vae")))
   frames_per_chunk = int(cfg.rollout.chunk_frames)
-  chunks, t0, writer, dec_cache = [], None, None, None
+  chunks = []
   bar = tqdm(total=args.chunks, unit="chunk", desc="generate")
-  for i, lat in enumerate(asvd.stream(model, context, jax.random.key(args.seed), config=cfg.rollout, sampler_config=cfg.sampler, num_chunks=args.chunks)):
-    lat = np.asarray(lat)
-    if i == 0:
-      t0 = time.perf_counter()  # frames/s from chunk 1 on: chunk 0 includes the compile
-    chunks.append(lat)
-    if vae is not None:
-      writer, dec_cache = _decode_chunk(vae, lat, dec_cache, writer, args)
-    bar.update(1)
-    if i > 0:
-      bar.set_postfix(fps=f"{i * frames_per_chunk / (time.perf_counter() - t0):.2f} latent frames/s")
+
+  def generated():
+    t0 = None
+    stream = asvd.stream(model, context, jax.random.key(args.seed), config=cfg.rollout, sampler_config=cfg.sampler, num_chunks=args.chunks)
+    for i, lat in enumerate(stream):
+      lat = np.asarray(lat)
+      if i == 0:
+        t0 = time.perf_counter()  # frames/s from chunk 1 on: chunk 0 includes the compile
+      chunks.append(lat)
+      yield lat
+      bar.update(1)
+      if i > 0:
+        bar.set_postfix(fps=f"{i * frames_per_chunk / (time.perf_counter() - t0):.2f} latent frames/s")
+
+  video = None
+  if vae is not None:
+    from asvd import pipeline  # noqa: PLC0415
+
+    video = os.path.join(args.out, "video.mp4")
+    pipeline.write_mp4(pipeline.decode_stream(vae, generated()), video, fps=args.fps or int(cfg.pipeline.fps))
+  else:
+    for _ in generated():
+      pass
   bar.close()
-  if writer is not None:
-    writer.close()
   latents = np.concatenate(chunks, axis=1)
   path = os.path.join(args.out, "latents.npy")
   np.save(path, latents)
   meta = {"config": args.config, "overrides": overrides, "seed": args.seed, "shape": list(latents.shape)}
   with open(os.path.join(args.out, "generate.json"), "w") as f:
     json.dump(meta, f, indent=2)
-  print(f"wrote {path} {latents.shape}" + (f" and {os.path.join(args.out, 'video.mp4')}" if writer else ""))
-
-
-def _decode_chunk(vae, lat, cache, writer, args):
-  import imageio.v2 as imageio  # noqa: PLC0415
-
-  if cache is None:
-    cache = vae.init_decode_cache(lat.shape[0], lat.shape[2], lat.shape[3])
-  pixels, cache = vae.decode_chunk(lat, cache)
-  frames = np.clip((np.asarray(pixels[0]) + 1.0) * 127.5, 0, 255).astype(np.uint8)
-  if writer is None:
-    writer = imageio.get_writer(os.path.join(args.out, "video.mp4"), fps=args.fps or 16, codec="libx264", macro_block_size=1)
-  for fr in frames:
-    writer.append_data(fr)
-  return writer, cache
+  print(f"wrote {path} {latents.shape}" + (f" and {video}" if video else ""))
 
 
 def cmd_eval_attention(args, overrides) -> None:

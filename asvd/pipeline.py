@@ -16,6 +16,7 @@ arrives (16 fps by default); the adaptive state is never decoded.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -85,13 +86,13 @@ class T2V:
     dt = jnp.dtype(config.model.dtype)
     p = config.get("pipeline", {})
     tok = asvd.load_tokenizer(paths["tokenizer"], max_length=int(config.model.text_len))
-    t5_cfg = _plain(p.get("text_encoder"))
+    t5_cfg = plain_config(p.get("text_encoder"))
     if t5_cfg is not None:
       from asvd.models.umt5 import UMT5Config  # noqa: PLC0415
 
       t5_cfg = UMT5Config(**t5_cfg)
     enc = asvd.load_text_encoder(paths["text_encoder"], dtype=dt, config=t5_cfg)
-    vae = asvd.load_vae(paths["vae"], dtype=jnp.float32, config=_plain(p.get("vae")))
+    vae = asvd.load_vae(paths["vae"], dtype=jnp.float32, config=plain_config(p.get("vae")))
     dit_path = paths["dit"]
     kw: dict[str, Any] = {"dtype": dt}
     if os.path.isfile(dit_path) and not os.path.isfile(os.path.join(os.path.dirname(dit_path), "config.json")):
@@ -118,23 +119,32 @@ class T2V:
 
     ctx = self.encode_prompt([prompt])
     rc = self.config.rollout
-    carry, dec = None, None
+    carry, head = None, []
     if condition is not None:
       lat = self.encode_condition(condition[None])
       if tuple(lat.shape[2:4]) != tuple(rc.latent_hw):
         raise ValueError(f"condition encodes to latents {tuple(lat.shape[2:4])}, config rollout.latent_hw={tuple(rc.latent_hw)}")
       carry = asvd.prefill(self.dit, ctx, lat, config=rc, sampler_config=self.config.sampler)
-      dec = self.vae.init_decode_cache(1, *lat.shape[2:4])
-      px, dec = self.vae.decode_chunk(lat, dec)
-      yield _to_uint8(px[0])
-    for lat in asvd.stream(self.dit, ctx, jax.random.key(seed), config=rc, sampler_config=self.config.sampler, num_chunks=chunks, carry=carry):
-      if dec is None:
-        dec = self.vae.init_decode_cache(lat.shape[0], lat.shape[2], lat.shape[3])
-      px, dec = self.vae.decode_chunk(lat, dec)
-      yield _to_uint8(px[0])
+      head = [lat]  # decoded first, so the decoder's causal cache continues from the given frames
+    generated = asvd.stream(self.dit, ctx, jax.random.key(seed), config=rc, sampler_config=self.config.sampler, num_chunks=chunks, carry=carry)
+    yield from decode_stream(self.vae, itertools.chain(head, generated))
 
 
-def _plain(x):
+def decode_stream(vae, latent_chunks) -> Iterator[np.ndarray]:
+  """Decodes latent chunks `[1, F, h, w, C]` one after another with the VAE's causal-conv cache.
+
+  Yields uint8 frames `[T, H, W, 3]` per chunk (1 + 4(F-1) for the first chunk, 4F after).
+  """
+  cache = None
+  for lat in latent_chunks:
+    if cache is None:
+      cache = vae.init_decode_cache(lat.shape[0], lat.shape[2], lat.shape[3])
+    px, cache = vae.decode_chunk(lat, cache)
+    yield _to_uint8(px[0])
+
+
+def plain_config(x):
+  """A ConfigDict/dict/None section as a plain dict (or None)."""
   if x is None:
     return None
   return x.to_dict() if hasattr(x, "to_dict") else dict(x)

@@ -111,3 +111,11 @@ def test_missing_weights_listed(weights, tmp_path):
   assert "[MISSING] dit" in p.stderr
   p = run("generate", "--weights", str(root), "--out", str(tmp_path / "o"))
   assert p.returncode == 2 and "--prompt" in p.stderr
+
+
+def test_dit_only_generate_with_vae_writes_latents_and_mp4(weights, tmp_path):
+  root, cfg = weights
+  p = run("generate", "--config", str(cfg), "--init", "random", "--vae", str(root / "Wan2.1_VAE.pth"), "--chunks", "2", "--out", str(tmp_path))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert np.load(tmp_path / "latents.npy").shape == (1, 6, 4, 4, 16)
+  assert read_video(tmp_path / "video.mp4").shape == (9 + 12, 32, 32, 3)
