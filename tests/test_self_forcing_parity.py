@@ -88,16 +88,20 @@ def models(tmp_path_factory):
   return ref, asvd.load_dit(folder)
 
 
+def absolute_preset(frames, batch, seed):
+  """(rollout config of the absolute Self-Forcing preset, random text context)."""
+  rc = asvd.load_config("configs/tiny.py").rollout
+  rc.update(anchor="none", positions="absolute", absolute_frames=frames, latent_hw=(H, W))
+  return rc, np.random.default_rng(seed).standard_normal((batch, 12, 32)).astype(np.float32)
+
+
 def test_absolute_preset_reproduces_self_forcing(models):
   ref, model = models
-  cfg = asvd.load_config("configs/tiny.py")
-  rc = cfg.rollout
-  rc.update(anchor="none", positions="absolute", absolute_frames=9, latent_hw=(H, W))
-  ctx = np.random.default_rng(0).standard_normal((2, 12, 32)).astype(np.float32)
+  rc, ctx = absolute_preset(frames=9, batch=2, seed=0)
   key = jax.random.key(3)
   n = 3
   latents, _ = asvd.rollout(model, ctx, key, num_chunks=n, config=rc)
-  lay = tr.make_layout(rc, model.cfg, None, cfg.sampler)
+  lay = tr.make_layout(rc, model.cfg)
   shape = tr.noise_shape(lay, 2, 16)
   noises = [np.asarray(streaming.chunk_noise(key, c, shape)) for c in range(n)]
   want = self_forcing_reference(ref, ctx, noises, lay.timesteps)
@@ -108,10 +112,7 @@ def test_absolute_preset_reproduces_self_forcing(models):
 def test_make_transition_with_own_noise_matches_reference(models):
   """`make_transition` with caller-supplied noise == the reference, chunk by chunk."""
   ref, model = models
-  cfg = asvd.load_config("configs/tiny.py")
-  rc = cfg.rollout
-  rc.update(anchor="none", positions="absolute", absolute_frames=6, latent_hw=(H, W))
-  ctx = np.random.default_rng(1).standard_normal((1, 12, 32)).astype(np.float32)
+  rc, ctx = absolute_preset(frames=6, batch=1, seed=1)
   state, cache, step = asvd.make_transition(model, ctx, config=rc)
   rng = np.random.default_rng(2)
   noises = [rng.standard_normal((4, 1, F, H, W, 16)).astype(np.float32) for _ in range(2)]
