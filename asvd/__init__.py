@@ -24,12 +24,17 @@ _LAZY = {
   "prefill": "asvd.streaming",
   # VAE and text encoder.
   "WanVAE": "asvd.models.vae",
-  "load_vae": "asvd.models.vae",
+  "load_vae": "asvd.ckpt.vae_port",
   "UMT5Encoder": "asvd.models.umt5",
-  "load_text_encoder": "asvd.models.umt5",
+  "load_text_encoder": "asvd.ckpt.umt5_port",
   "load_tokenizer": "asvd.text.tokenizer",
   "encode_prompts": "asvd.text.tokenizer",
+  # Video files.
+  "write_mp4": "asvd.video",
+  "latent_preview": "asvd.video",
   # Errors.
+  "AsvdError": "asvd.errors",
+  "UsageError": "asvd.errors",
   "CheckpointError": "asvd.ckpt.common",
 }
 

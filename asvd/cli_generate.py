@@ -1,12 +1,39 @@
-"""`asvd generate` and `asvd eval attention`: streaming generation from the command line."""
+"""`asvd generate`, `asvd decode` and `asvd eval attention`: streaming generation from the shell.
+
+Every check that can fail runs before anything is loaded or compiled: flags, config keys, the
+output folder (created, probed for writing, and never overwriting a file asvd did not write),
+the attention backend on this platform, input files. What each command writes is listed in
+the README ("Output files").
+"""
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
+import sys
 import time
 
 import numpy as np
+
+from asvd.errors import UsageError
+
+MAX_SEED = 2**32 - 1
+# Model config keys that select how the DiT computes (not what it is): a checkpoint defines the
+# architecture, the config still chooses these.
+COMPUTE_KEYS = ("attention", "remat", "scan_layers")
+
+
+def _int_at_least(lo: int, hi: int | None = None):
+  def parse(text: str) -> int:
+    try:
+      v = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < lo or (hi is not None and v > hi):
+      raise argparse.ArgumentTypeError(f"{v} is out of range: use {lo}..{hi}" if hi is not None else f"{v} must be >= {lo}")
+    return v
+
+  return parse
 
 
 def add_commands(sub) -> None:
@@ -17,9 +44,19 @@ def add_commands(sub) -> None:
   cond = g.add_mutually_exclusive_group()
   cond.add_argument("--image", default=None, help="condition on this image (image-to-video)")
   cond.add_argument("--video", default=None, help="continue this video (its last 1+4k frames)")
-  g.add_argument("--vae", default=None, help="Wan VAE to decode an mp4 when generating from a DiT alone")
-  g.add_argument("--fps", type=int, default=None, help="mp4 frame rate (default config.pipeline.fps = 16)")
+  g.add_argument("--vae", default=None, help="Wan VAE (file or folder) to decode video.mp4 when generating from a DiT alone")
+  g.add_argument("--fps", type=_int_at_least(1, 240), default=None, help="mp4 frame rate (default config.pipeline.fps = 16)")
   g.set_defaults(func=cmd_generate)
+
+  d = sub.add_parser("decode", help="latents.npy -> video.mp4 with a Wan VAE, or a quick preview without one")
+  d.add_argument("latents", help=".npy latents [B, F, h, w, C] or [F, h, w, C] (what `asvd generate` writes)")
+  src = d.add_mutually_exclusive_group(required=True)
+  src.add_argument("--vae", default=None, help="Wan VAE: Wan2.1_VAE.pth, a diffusers vae/ folder or a Wan2.1 folder")
+  src.add_argument("--preview", action="store_true", help="no VAE: a fixed linear latent->RGB projection (preview.mp4)")
+  d.add_argument("--config", default=None, help="configs/X.py[:arg] whose pipeline.vae names a non-default VAE architecture")
+  d.add_argument("--fps", type=_int_at_least(1, 240), default=None, help="frame rate (default config.pipeline.fps = 16)")
+  d.add_argument("--out", required=True, help="output folder")
+  d.set_defaults(func=cmd_decode)
 
   e = sub.add_parser("eval", help="evaluation tools")
   esub = e.add_subparsers(dest="what", required=True)
@@ -33,141 +70,257 @@ def _common(p) -> None:
   w = p.add_mutually_exclusive_group()
   w.add_argument("--checkpoint", default=None, help="DiT checkpoint (diffusers / Wan / Self-Forcing .pt / asvd)")
   w.add_argument("--init", choices=["random"], default=None, help="random weights (smoke runs)")
-  p.add_argument("--chunks", type=int, default=7, help="chunks to generate (F latent frames each)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--chunks", type=_int_at_least(1), default=7, help="chunks to generate (F latent frames each)")
+  p.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help=f"random seed, 0..{MAX_SEED}")
   p.add_argument("--context", default=None, help=".npy text embeddings [B, L, text_dim] (default: random)")
   p.add_argument("--out", required=True, help="output folder")
 
 
-def _setup(args, overrides):
-  """Validates everything cheap before any compile; returns (config, model, context)."""
+# ------------------------------------------------------------------------------------------------
+# Shared checks (all before any load or compile).
+# ------------------------------------------------------------------------------------------------
+
+
+def _load_config(spec, overrides):
+  import asvd  # noqa: PLC0415
+
+  cfg = asvd.load_config(spec, overrides)
+  fps = cfg.pipeline.get("fps", 16)
+  if not isinstance(fps, int) or fps < 1:
+    raise UsageError(f"config pipeline.fps={fps!r} must be an integer >= 1")
+  _runtime(cfg)
+  return cfg
+
+
+def _runtime(cfg) -> None:
+  """Process-wide settings from `config.runtime` (the persistent compilation cache)."""
+  folder = cfg.get("runtime", {}).get("compilation_cache_dir", "")
+  if folder:
+    import jax  # noqa: PLC0415
+
+    folder = os.path.abspath(os.path.expanduser(folder))
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _check_model_config(cfg, overrides, checkpoint):
+  """The DiT config as far as it can be known without loading: the compute backend, and no
+  architecture override that a checkpoint would silently ignore."""
+  from asvd.models import attention  # noqa: PLC0415
+
+  attention.check_available(cfg.model.attention)
+  if checkpoint:
+    ignored = [o.split("=")[0] for o in overrides if o.startswith("--config.model.") and o.split("=")[0].split(".")[-1] not in COMPUTE_KEYS + ("dtype", "param_dtype")]
+    if ignored:
+      raise UsageError(f"{', '.join(ignored)}: the checkpoint defines the architecture; only model.{{{', '.join(COMPUTE_KEYS)}, dtype}} apply with --checkpoint")
+
+
+def _load_dit(cfg, checkpoint, seed):
   import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
 
   import asvd  # noqa: PLC0415
-  from asvd import transition as tr  # noqa: PLC0415
 
-  cfg = asvd.load_config(args.config, overrides)
-  if args.chunks < 1:
-    raise ValueError(f"--chunks={args.chunks} must be >= 1")
-  if args.checkpoint is None and args.init is None:
-    raise ValueError("give --checkpoint PATH or --init random")
-  if args.checkpoint is not None and not os.path.exists(args.checkpoint):
-    raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or folder")
-  if args.context is not None and not os.path.isfile(args.context):
-    raise FileNotFoundError(f"--context {args.context}: no such file")
-  from asvd.models.dit import DiTConfig  # noqa: PLC0415
+  if checkpoint:
+    compute = {k: cfg.model[k] for k in COMPUTE_KEYS}
+    return asvd.load_dit(checkpoint, dtype=jnp.dtype(cfg.model.dtype), **compute)
+  print(f"[asvd] random weights ({cfg.name}): a smoke run, the output is noise-like by design", file=sys.stderr)
+  return asvd.init_dit(cfg.model, jax.random.key(seed))
 
-  tr.make_layout(cfg.rollout, DiTConfig.from_config(cfg.model), None, cfg.sampler)  # config errors now
-  if args.checkpoint:
-    import jax.numpy as jnp  # noqa: PLC0415
 
-    model = asvd.load_dit(args.checkpoint, dtype=jnp.dtype(cfg.model.dtype))
-  else:
-    print(f"[asvd] random weights ({cfg.name}): a smoke run, the output is noise-like by design")
-    model = asvd.init_dit(cfg.model, jax.random.key(args.seed))
+def _check_inputs(args):
+  if getattr(args, "checkpoint", None) is not None and not os.path.exists(args.checkpoint):
+    raise UsageError(f"--checkpoint {args.checkpoint}: no such file or folder")
+  if getattr(args, "context", None) is not None and not os.path.isfile(args.context):
+    raise UsageError(f"--context {args.context}: no such file")
+  if getattr(args, "vae", None) is not None and not os.path.exists(args.vae):
+    raise UsageError(f"--vae {args.vae}: no such file or folder")
+
+
+def _context(args, cfg, text_dim, text_len):
   if args.context is not None:
-    context = np.load(args.context)
+    try:
+      context = np.load(args.context)
+    except (OSError, ValueError) as e:
+      raise UsageError(f"--context {args.context}: not a readable .npy file ({e})") from e
     if context.ndim == 2:
       context = context[None]
-    if context.shape[-1] != model.cfg.text_dim:
-      raise ValueError(f"--context {args.context}: shape {context.shape}, expected [B, L, {model.cfg.text_dim}]")
-  else:
-    rng = np.random.default_rng(args.seed)
-    context = rng.standard_normal((cfg.rollout.batch_size, model.cfg.text_len, model.cfg.text_dim)).astype(np.float32)
-  os.makedirs(args.out, exist_ok=True)
-  return cfg, model, context
+    if context.ndim != 3 or context.shape[-1] != text_dim or context.shape[1] > text_len:
+      raise UsageError(f"--context {args.context}: shape {context.shape}, expected [B, L <= {text_len}, {text_dim}]")
+    return context.astype(np.float32)
+  rng = np.random.default_rng(args.seed)
+  return rng.standard_normal((cfg.rollout.batch_size, text_len, text_dim)).astype(np.float32)
+
+
+def _setup(args, overrides, outputs):
+  """Validates everything cheap before any compile; returns (config, output dir, model, context)."""
+  from asvd import transition as tr  # noqa: PLC0415
+  from asvd.models.dit import DiTConfig  # noqa: PLC0415
+  from asvd.outputs import OutputDir  # noqa: PLC0415
+
+  if args.config is None:
+    raise UsageError("give --config configs/X.py (or --weights DIR --prompt ...)")
+  cfg = _load_config(args.config, overrides)
+  if args.checkpoint is None and args.init is None:
+    raise UsageError("give --checkpoint PATH or --init random")
+  _check_inputs(args)
+  _check_model_config(cfg, overrides, args.checkpoint)
+  tr.make_layout(cfg.rollout, DiTConfig.from_config(cfg.model), None, cfg.sampler)  # config errors now
+  out = OutputDir(args.out, outputs)
+  model = _load_dit(cfg, args.checkpoint, args.seed)
+  tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler)  # the checkpoint's patch size / RoPE
+  return cfg, out, model, _context(args, cfg, model.cfg.text_dim, model.cfg.text_len)
+
+
+class _Progress:
+  """Compilation reported apart, then a tqdm bar whose rate and ETA count generation only."""
+
+  def __init__(self, total: int, desc: str, unit_frames: int):
+    self.total, self.desc, self.unit_frames = total, desc, unit_frames
+    self.bar, self.t0 = None, time.perf_counter()
+    print("[asvd] compiling the transition and generating chunk 1 ...", file=sys.stderr, flush=True)
+
+  def tick(self) -> None:
+    from tqdm import tqdm  # noqa: PLC0415
+
+    now = time.perf_counter()
+    if self.bar is None:
+      print(f"[asvd] compiled + chunk 1 in {now - self.t0:.1f} s", file=sys.stderr, flush=True)
+      self.bar = tqdm(total=self.total, initial=1, unit="chunk", desc=self.desc, file=sys.stderr)
+      self.t1, self.n = now, 1
+      return
+    self.bar.update(1)
+    self.n += 1
+    self.bar.set_postfix(fps=f"{(self.n - 1) * self.unit_frames / (now - self.t1):.2f} latent frames/s")
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands.
+# ------------------------------------------------------------------------------------------------
 
 
 def cmd_t2v(args, overrides) -> None:
   """`--weights`: prompt -> umT5 -> streaming transition -> streaming VAE -> mp4."""
-  from tqdm import tqdm  # noqa: PLC0415
-
-  import asvd  # noqa: PLC0415
-  from asvd import pipeline  # noqa: PLC0415
+  from asvd import pipeline, video  # noqa: PLC0415
+  from asvd.models.vae import VAEConfig  # noqa: PLC0415
+  from asvd.outputs import OutputDir  # noqa: PLC0415
 
   if not args.prompt:
-    raise ValueError("--weights needs --prompt")
-  if args.chunks < 1:
-    raise ValueError(f"--chunks={args.chunks} must be >= 1")
-  cfg = asvd.load_config(args.config or "configs/wan_t2v_1_3b.py", overrides)
+    raise UsageError("--weights needs --prompt")
+  cfg = _load_config(args.config or "configs/wan_t2v_1_3b.py", overrides)
+  _check_inputs(args)
+  _check_model_config(cfg, overrides, True)
   pipeline.find_weights(args.weights, args.checkpoint)  # every missing file listed, before loading
   cond_path = args.image or args.video
-  if cond_path and not os.path.isfile(cond_path):
-    raise FileNotFoundError(f"--{'image' if args.image else 'video'} {cond_path}: no such file")
-  os.makedirs(args.out, exist_ok=True)
-  pipe = pipeline.T2V.from_weights(args.weights, config=cfg, checkpoint=args.checkpoint)
   condition = None
-  if cond_path:
-    s = pipe.vae.config.spatial_factor
+  if cond_path:  # read (and fail on a bad file) before loading any weights
+    s = VAEConfig.from_any(pipeline.plain_config(cfg.pipeline.get("vae")) or VAEConfig()).spatial_factor
     hw = (cfg.rollout.latent_hw[0] * s, cfg.rollout.latent_hw[1] * s)
     condition = pipeline.read_condition(cond_path, hw)
-  path = os.path.join(args.out, "video.mp4")
-  bar = tqdm(total=args.chunks + (1 if condition is not None else 0), unit="chunk", desc="t2v")
-  t0 = time.perf_counter()
-  n = pipeline.write_mp4(
-    pipe.generate(args.prompt, chunks=args.chunks, seed=args.seed, condition=condition),
-    path,
-    fps=args.fps or int(cfg.pipeline.fps),
-    on_chunk=lambda k: (bar.update(1), bar.set_postfix(fps=f"{k / max(time.perf_counter() - t0, 1e-9):.1f} frames/s")),
-  )
-  bar.close()
-  with open(os.path.join(args.out, "generate.json"), "w") as f:
-    json.dump({"prompt": args.prompt, "weights": args.weights, "checkpoint": args.checkpoint, "config": args.config, "overrides": overrides, "seed": args.seed, "frames": n}, f, indent=2)
-  print(f"wrote {path} ({n} frames)")
+  out = OutputDir(args.out, ["video.mp4", "generate.json"])
+  pipe = pipeline.T2V.from_weights(args.weights, config=cfg, checkpoint=args.checkpoint)
+  prog = _Progress(args.chunks + (1 if condition is not None else 0), "t2v", int(cfg.rollout.chunk_frames))
+  try:
+    n = video.write_mp4(
+      pipe.generate(args.prompt, chunks=args.chunks, seed=args.seed, condition=condition),
+      out.path("video.mp4"),
+      fps=args.fps or int(cfg.pipeline.fps),
+      on_chunk=lambda _: prog.tick(),
+    )
+  finally:
+    prog.close()
+  out.write_json("generate.json", {"prompt": args.prompt, "weights": args.weights, "checkpoint": args.checkpoint, "config": args.config, "overrides": overrides, "seed": args.seed, "frames": n})
+  print(f"wrote {out.path('video.mp4')} ({n} frames) and generate.json")
 
 
 def cmd_generate(args, overrides) -> None:
   import jax  # noqa: PLC0415
-  from tqdm import tqdm  # noqa: PLC0415
 
   import asvd  # noqa: PLC0415
+  from asvd import pipeline, video  # noqa: PLC0415
 
   if args.weights:
     return cmd_t2v(args, overrides)
   if args.prompt:
-    raise ValueError("--prompt needs --weights DIR (the Wan2.1 VAE, umT5 and tokenizer)")
-  if args.config is None:
-    raise ValueError("give --config configs/X.py (or --weights DIR --prompt ...)")
-  cfg, model, context = _setup(args, overrides)
+    raise UsageError("--prompt needs --weights DIR (the Wan2.1 VAE, umT5 and tokenizer)")
+  mp4 = "video.mp4" if args.vae else "preview.mp4"
+  cfg, out, model, context = _setup(args, overrides, ["latents.npy", "generate.json", mp4])
+  fps = args.fps or int(cfg.pipeline.fps)
   vae = None
   if args.vae:
-    from asvd.pipeline import plain_config  # noqa: PLC0415
-
-    vae = asvd.load_vae(args.vae, config=plain_config(cfg.pipeline.get("vae")))
-  frames_per_chunk = int(cfg.rollout.chunk_frames)
+    vae = asvd.load_vae(args.vae, config=pipeline.plain_config(cfg.pipeline.get("vae")))
+  f = int(cfg.rollout.chunk_frames)
   chunks = []
-  bar = tqdm(total=args.chunks, unit="chunk", desc="generate")
+  prog = _Progress(args.chunks, "generate", f)
 
   def generated():
-    t0 = None
-    stream = asvd.stream(model, context, jax.random.key(args.seed), config=cfg.rollout, sampler_config=cfg.sampler, num_chunks=args.chunks)
-    for i, lat in enumerate(stream):
+    for lat in asvd.stream(model, context, jax.random.key(args.seed), config=cfg.rollout, sampler_config=cfg.sampler, num_chunks=args.chunks):
       lat = np.asarray(lat)
-      if i == 0:
-        t0 = time.perf_counter()  # frames/s from chunk 1 on: chunk 0 includes the compile
       chunks.append(lat)
       yield lat
-      bar.update(1)
-      if i > 0:
-        bar.set_postfix(fps=f"{i * frames_per_chunk / (time.perf_counter() - t0):.2f} latent frames/s")
+      prog.tick()
 
-  video = None
-  if vae is not None:
-    from asvd import pipeline  # noqa: PLC0415
-
-    video = os.path.join(args.out, "video.mp4")
-    pipeline.write_mp4(pipeline.decode_stream(vae, generated()), video, fps=args.fps or int(cfg.pipeline.fps))
-  else:
-    for _ in generated():
-      pass
-  bar.close()
+  try:
+    if vae is not None:
+      video.write_mp4(pipeline.decode_stream(vae, generated()), out.path(mp4), fps=fps)
+    else:
+      for _ in generated():
+        pass
+  finally:
+    prog.close()
   latents = np.concatenate(chunks, axis=1)
-  path = os.path.join(args.out, "latents.npy")
-  np.save(path, latents)
-  meta = {"config": args.config, "overrides": overrides, "seed": args.seed, "shape": list(latents.shape)}
-  with open(os.path.join(args.out, "generate.json"), "w") as f:
-    json.dump(meta, f, indent=2)
-  print(f"wrote {path} {latents.shape}" + (f" and {video}" if video else ""))
+  path = out.save_npy("latents.npy", latents)
+  note = f"{mp4} (decoded by the VAE)"
+  if vae is None:
+    if latents.shape[-1] == video.WAN21_LATENT_RGB.shape[0]:
+      # One preview frame per latent frame, so a quarter of the VAE's frame rate keeps the timing.
+      video.write_mp4([video.latent_preview(latents[0])], out.path(mp4), fps=max(1, round(fps / 4)))
+      note = f"{mp4} (a preview: fixed linear latent->RGB projection, not a VAE decode; `asvd decode --vae` for the real video)"
+    else:
+      note = f"no preview ({latents.shape[-1]}-channel latents are not Wan2.1 latents)"
+  out.write_json("generate.json", {"config": args.config, "overrides": overrides, "seed": args.seed, "checkpoint": args.checkpoint, "shape": list(latents.shape), "video": mp4 if (vae is not None or "preview" in note) else None})
+  print(f"wrote {path} {latents.shape}, generate.json and {note}")
+
+
+def cmd_decode(args, overrides) -> None:
+  import asvd  # noqa: PLC0415
+  from asvd import pipeline, video  # noqa: PLC0415
+  from asvd.outputs import OutputDir  # noqa: PLC0415
+
+  cfg = _load_config(args.config or "configs/wan_t2v_1_3b.py", overrides)
+  _check_inputs(args)
+  if not os.path.isfile(args.latents):
+    raise UsageError(f"{args.latents}: no such file")
+  try:
+    lat = np.load(args.latents, mmap_mode="r")
+  except (OSError, ValueError) as e:
+    raise UsageError(f"{args.latents}: not a readable .npy file ({e})") from e
+  if lat.ndim == 4:
+    lat = lat[None]
+  if lat.ndim != 5:
+    raise UsageError(f"{args.latents}: shape {lat.shape}, expected latents [B, F, h, w, C] or [F, h, w, C]")
+  fps = args.fps or int(cfg.pipeline.fps)
+  name = "preview" if args.preview else "video"
+  names = [f"{name}.mp4"] if lat.shape[0] == 1 else [f"{name}_{i}.mp4" for i in range(lat.shape[0])]
+  out = OutputDir(args.out, names)
+  if args.preview:
+    for i, n in enumerate(names):
+      video.write_mp4([video.latent_preview(lat[i])], out.path(n), fps=max(1, round(fps / 4)))
+    print(f"wrote {', '.join(names)} (preview: fixed linear latent->RGB projection, not a VAE decode)")
+    return
+  vae = asvd.load_vae(args.vae, config=pipeline.plain_config(cfg.pipeline.get("vae")))
+  if lat.shape[-1] != vae.config.z_dim:
+    raise UsageError(f"{args.latents}: {lat.shape[-1]} latent channels, the VAE {args.vae} takes {vae.config.z_dim}")
+  f = int(cfg.rollout.chunk_frames)
+  for i, n in enumerate(names):
+    chunks = (np.asarray(lat[i : i + 1, s : s + f], np.float32) for s in range(0, lat.shape[1], f))
+    frames = video.write_mp4(pipeline.decode_stream(vae, chunks), out.path(n), fps=fps)
+    print(f"wrote {out.path(n)} ({frames} frames)")
 
 
 def cmd_eval_attention(args, overrides) -> None:
@@ -175,11 +328,9 @@ def cmd_eval_attention(args, overrides) -> None:
 
   from asvd.eval import attention  # noqa: PLC0415
 
-  if args.config is None:
-    raise ValueError("give --config configs/X.py")
-  cfg, model, context = _setup(args, overrides)
+  cfg, out, model, context = _setup(args, overrides, ["attention_share.png", "attention_share.json"])
   _, groups = attention.attention_shares(model, context, jax.random.key(args.seed), num_chunks=args.chunks, config=cfg.rollout, sampler_config=cfg.sampler)
-  png = attention.plot_attention_shares(groups, os.path.join(args.out, "attention_share.png"), f"{cfg.name}: anchor={cfg.rollout.anchor}")
-  with open(os.path.join(args.out, "attention_share.json"), "w") as f:
-    json.dump({k: np.asarray(v).tolist() for k, v in groups.items()}, f)
-  print(f"wrote {png}")
+  title = f"{cfg.name}: anchor={cfg.rollout.anchor}" + (" (random weights)" if args.init == "random" else "")
+  png = attention.plot_attention_shares(groups, out.path("attention_share.png"), title)
+  out.write_json("attention_share.json", {k: np.asarray(v).tolist() for k, v in groups.items()})
+  print(f"wrote {png} and attention_share.json")

@@ -13,6 +13,8 @@ import os
 
 import ml_collections
 
+from asvd.errors import UsageError
+
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,6 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
       warp=True,
       num_train_timesteps=1000,
       context_timestep=0,
+      # How the clean re-run's noise level follows from context_timestep: "exact" (t = 0 is
+      # clean, no noise; t > 0 uses the table sigma and fresh noise) or "table" (Self-Forcing's
+      # training: every t, 0 included, maps to the nearest table sigma, ~0.005 at t = 0, and
+      # the re-run input is always noised with fresh noise).
+      context_sigma="exact",
     )
   )
   # The adaptive-state rollout (method.md "Names" and "The cache and the anchor modes").
@@ -65,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       positions="relative",  # relative | absolute (Self-Forcing preset)
       absolute_frames=21,  # cache frames of the absolute preset
       ema_decay=0.9,
+      sink_in_window=False,  # sink: also keep the sink frames in the window (LongLive: False)
       batch_size=1,
       latent_hw=(60, 104),  # latent H, W (480x832 pixels)
       probe=False,  # return the attention share per slot group
@@ -76,8 +84,30 @@ def base_config() -> ml_collections.ConfigDict:
   # Text-to-video pipeline (asvd.pipeline): None = the published Wan2.1 VAE / umT5-XXL; a dict
   # of constructor arguments selects another architecture (used by tiny end-to-end tests).
   c.pipeline = ml_collections.ConfigDict(dict(vae=None, text_encoder=None, fps=16))
+  # Runtime: a persistent XLA compilation cache folder ("" = off) so that a second `asvd`
+  # process reuses compiled programs instead of compiling again.
+  c.runtime = ml_collections.ConfigDict(dict(compilation_cache_dir=""))
   c.seed = 0
   return c
+
+
+def config_arg(arg: str | None, choices: dict[str, str], path: str) -> str:
+  """Validates the `:arg` of a config file; returns it (or the default, the first choice).
+
+  Args:
+    arg: what followed `:` in the spec (None or "" for nothing).
+    choices: `{valid arg: what it selects}`; the first one is the default.
+    path: the config file, named in the error.
+
+  Raises:
+    UsageError: listing the valid arguments.
+  """
+  if not arg:
+    return next(iter(choices))
+  if arg not in choices:
+    valid = ", ".join(f"{k!r} ({v})" for k, v in choices.items())
+    raise UsageError(f"{path}: unknown config argument {arg!r}; valid: {valid}")
+  return arg
 
 
 def _resolve(path: str) -> str:
@@ -86,7 +116,7 @@ def _resolve(path: str) -> str:
   alt = os.path.join(_REPO_ROOT, path)
   if os.path.isfile(alt):
     return alt
-  raise FileNotFoundError(f"config file {path!r} not found (also looked in {_REPO_ROOT})")
+  raise UsageError(f"config file {path!r} not found (also looked in {_REPO_ROOT})")
 
 
 def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -106,7 +136,7 @@ def load_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
   module = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path} defines no get_config(arg)")
+    raise UsageError(f"config file {path} defines no get_config(arg)")
   cfg = module.get_config(arg) if arg else module.get_config()
   return apply_overrides(cfg, overrides)
 
@@ -140,20 +170,46 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections
   for item in overrides:
     item = item.removeprefix("--").removeprefix("config.")
     if "=" not in item:
-      raise ValueError(f"config override {item!r} must look like --config.a.b=value")
+      raise UsageError(f"config override {item!r} must look like --config.a.b=value")
     key, text = item.split("=", 1)
     node = cfg
     *parents, leaf = key.split(".")
     for p in parents:
       if p not in node:
-        raise ValueError(f"--config.{key}: no section {p!r} (have {sorted(node.keys())})")
+        raise UsageError(f"--config.{key}: no section {p!r} (have {sorted(node.keys())})")
       node = node[p]
     if leaf not in node:
-      raise ValueError(f"--config.{key}: unknown key {leaf!r} (have {sorted(node.keys())})")
+      raise UsageError(f"--config.{key}: unknown key {leaf!r} (have {sorted(node.keys())})")
     try:
       value = _parse_value(text, node[leaf])
     except (ValueError, SyntaxError) as e:
-      raise ValueError(f"--config.{key}={text!r}: {e}") from e
+      raise UsageError(f"--config.{key}={text!r}: {e}") from e
     with node.ignore_type():
       node[leaf] = value
   return cfg
+
+
+_DTYPE_ALIASES = {
+  "f32": "float32",
+  "fp32": "float32",
+  "float32": "float32",
+  "float": "float32",
+  "bf16": "bfloat16",
+  "bfloat16": "bfloat16",
+  "f16": "float16",
+  "fp16": "float16",
+  "float16": "float16",
+  "half": "float16",
+}
+
+
+def parse_dtype(name: str, flag: str = "dtype") -> str:
+  """A floating dtype name from the usual spellings (`bf16`, `fp32`, `float16`, ...).
+
+  Raises:
+    UsageError: naming `flag` and listing the accepted spellings.
+  """
+  key = str(name).strip().lower()
+  if key not in _DTYPE_ALIASES:
+    raise UsageError(f"{flag}={name!r} is not a floating dtype; use one of {sorted(_DTYPE_ALIASES)}")
+  return _DTYPE_ALIASES[key]

@@ -29,6 +29,10 @@ class Cache:
     lat: `[B, N, H, W, C]` the clean latent behind each slot (the state, sink or window frame;
       zeros for the EMA anchor), kept so the window can be re-encoded under a new prompt.
     text: the prompt's cross-attention K/V, `[L, B, Lt, H, Dh]` each.
+    acc_k: float32 `[L, B, T, H, Dh]` the `ema` anchor's running average of keys (the anchor
+      slot holds it cast to the cache dtype, so a bf16 cache does not lose the average to
+      rounding over hundreds of folds); `[L, B, 0, H, Dh]` in the other modes.
+    acc_v: the same for values.
     chunk: int32 `[]` chunks generated so far. Only the absolute preset reads it (for RoPE and
       where to write); relative modes carry it for inspection.
   """
@@ -39,6 +43,8 @@ class Cache:
   lat: jax.Array
   text: TextKV
   chunk: jax.Array
+  acc_k: jax.Array
+  acc_v: jax.Array
 
   @property
   def num_slots(self) -> int:
@@ -58,13 +64,15 @@ class Cache:
       lat=("batch", "slots", "height", "width", "channels"),
       text=TextKV(k=("layers", "batch", "text", "heads", "head_dim"), v=("layers", "batch", "text", "heads", "head_dim")),
       chunk=(),
+      acc_k=kv,
+      acc_v=kv,
     )
 
 
-def empty_cache(text: TextKV, num_slots: int, tokens: int, dtype, latent_shape) -> Cache:
+def empty_cache(text: TextKV, num_slots: int, tokens: int, dtype, latent_shape, *, ema: bool = False) -> Cache:
   """A cache with every slot invalid (zeros), shaped after the text K/V `[L, B, Lt, H, Dh]`.
 
-  `latent_shape` is one frame's `(H, W, C)`.
+  `latent_shape` is one frame's `(H, W, C)`; `ema` allocates the float32 EMA accumulator.
   """
   layers, batch, _, heads, head_dim = text.k.shape
   shape = (layers, batch, num_slots * tokens, heads, head_dim)
@@ -75,6 +83,8 @@ def empty_cache(text: TextKV, num_slots: int, tokens: int, dtype, latent_shape) 
     lat=jnp.zeros((batch, num_slots, *latent_shape), jnp.float32),
     text=text,
     chunk=jnp.zeros((), jnp.int32),
+    acc_k=jnp.zeros((layers, batch, tokens if ema else 0, heads, head_dim), jnp.float32),
+    acc_v=jnp.zeros((layers, batch, tokens if ema else 0, heads, head_dim), jnp.float32),
   )
 
 

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asvd import video
+
 VAE_FILES = ("Wan2.1_VAE.pth", "vae")
 T5_FILES = ("models_t5_umt5-xxl-enc-bf16.pth", "text_encoder")
 TOKENIZER_FILES = ("google/umt5-xxl", "tokenizer")
@@ -94,7 +96,8 @@ class T2V:
     enc = asvd.load_text_encoder(paths["text_encoder"], dtype=dt, config=t5_cfg)
     vae = asvd.load_vae(paths["vae"], dtype=jnp.float32, config=plain_config(p.get("vae")))
     dit_path = paths["dit"]
-    kw: dict[str, Any] = {"dtype": dt}
+    # The checkpoint defines the architecture; the config chooses how it computes.
+    kw: dict[str, Any] = {"dtype": dt, **{k: config.model[k] for k in ("attention", "remat", "scan_layers")}}
     if os.path.isfile(dit_path) and not os.path.isfile(os.path.join(os.path.dirname(dit_path), "config.json")):
       kw["model_config"] = config.model
     dit = asvd.load_dit(dit_path, **kw)
@@ -140,7 +143,7 @@ def decode_stream(vae, latent_chunks) -> Iterator[np.ndarray]:
     if cache is None:
       cache = vae.init_decode_cache(lat.shape[0], lat.shape[2], lat.shape[3])
     px, cache = vae.decode_chunk(lat, cache)
-    yield _to_uint8(px[0])
+    yield video.to_uint8(px[0])
 
 
 def plain_config(x):
@@ -150,38 +153,11 @@ def plain_config(x):
   return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 
 
-def _to_uint8(px) -> np.ndarray:
-  return np.clip((np.asarray(px, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-
-
 def read_condition(path: str, hw: tuple[int, int], max_frames: int = 81) -> np.ndarray:
-  """An image or video file -> pixels `[T, H, W, 3]` in [-1, 1], T = 1 + 4k, resized to `hw`."""
-  import imageio.v3 as iio  # noqa: PLC0415
-  from PIL import Image  # noqa: PLC0415
+  """An image or video file -> pixels `[T, H, W, 3]` in [-1, 1], T = 1 + 4k, resized to `hw`.
 
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"condition {path}: no such file")
-  arr = iio.imread(path)
-  frames = arr[None] if arr.ndim == 3 else arr
-  n = 1 + 4 * ((min(len(frames), max_frames) - 1) // 4)
-  frames = frames[-n:]  # continue from the end of a video
-  out = [np.asarray(Image.fromarray(f[..., :3]).resize((hw[1], hw[0]), Image.BICUBIC)) for f in frames]
-  return np.stack(out).astype(np.float32) / 127.5 - 1.0
-
-
-def write_mp4(frames: Iterator[np.ndarray], path: str, fps: int = 16, on_chunk=None) -> int:
-  """Appends chunks of uint8 frames to an H.264 mp4 as they arrive; returns the frame count."""
-  import imageio.v2 as imageio  # noqa: PLC0415
-
-  n = 0
-  writer = imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, quality=8)
-  try:
-    for chunk in frames:
-      for f in chunk:
-        writer.append_data(f)
-      n += len(chunk)
-      if on_chunk is not None:
-        on_chunk(len(chunk))
-  finally:
-    writer.close()
-  return n
+  A video keeps its last `1 + 4k <= max_frames` frames (the continuation starts from its end).
+  """
+  frames = video.read_frames(path, hw, max_frames=max_frames, last=True)
+  n = 1 + 4 * ((len(frames) - 1) // 4)
+  return frames[-n:].astype(np.float32) / 127.5 - 1.0

@@ -11,7 +11,9 @@ untouched.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -20,6 +22,7 @@ from flax import nnx
 
 from asvd import sharding as shard_lib
 from asvd import transition as tr
+from asvd.errors import UsageError
 from asvd.models.dit import WanDiT
 
 
@@ -35,23 +38,27 @@ def _key(key) -> jax.Array:
 
 
 class _Program:
-  """Jitted segment scan + single-chunk step for one (model, layout), compiled once each."""
+  """Jitted segment scan + single-chunk step for one (model graph, layout, shapes, mesh, options).
 
-  def __init__(self, model: WanDiT, lay: tr.Layout, segment: int, batch: int, mesh=None, *, probe=False, recache_on_switch=False):
+  Parameters are an argument of every jitted function, never closed over, so one program serves
+  every model with the same graph (e.g. a reloaded checkpoint) and every call of `rollout` /
+  `stream`: programs are cached by `_get_program` and compile once per process. The carry is
+  donated: callers hand in a carry they own (`rollout`/`stream` copy a carry the user passed).
+  """
+
+  def __init__(self, graphdef, lay: tr.Layout, segment: int, shape, mesh=None, *, probe=False, recache_on_switch=False):
     self.lay, self.segment, self.probe = lay, segment, probe
     self.recache_on_switch = recache_on_switch
-    self.graphdef, self.params = nnx.split(model)
-    self.shape = tr.noise_shape(lay, batch, model.cfg.in_channels)
-    graphdef, shape = self.graphdef, self.shape
+    self.graphdef, self.shape = graphdef, shape
 
-    def one(params, carry, key, c):
+    def transition_chunk(params, carry, key, c):
       m = nnx.merge(graphdef, params)
       out = tr.transition_fn(m, lay, *carry, chunk_noise(key, c, shape), probe=probe)
       return (out[0], out[1]), out[2:]
 
-    def seg(params, carry, key, start, live):
+    def rollout_segment(params, carry, key, start, live):
       def run(carry, i):
-        return one(params, carry, key, start + i)
+        return transition_chunk(params, carry, key, start + i)
 
       def skip(carry, i):  # padding chunk: no compute, carry untouched, zero outputs
         ys = jax.eval_shape(run, carry, i)[1]
@@ -69,37 +76,73 @@ class _Program:
       frames_sh = shard_lib.logical_sharding(("chunks", "batch", "frames", "height", "width", "channels"), mesh)
       ys_sh = (frames_sh, None) if probe else (frames_sh,)
       kw["out_shardings"] = (carry_sh, ys_sh)
-    self.seg = jax.jit(seg, donate_argnums=(1,), **kw)
-    self.one = jax.jit(one)
+    # Named functions: compilations are logged (and counted by the tests) under these names.
+    self.seg = jax.jit(rollout_segment, donate_argnums=(1,), **kw)
+    self.one = jax.jit(transition_chunk, donate_argnums=(1,))
     self.recache = jax.jit(lambda params, cache, text: tr.recache(nnx.merge(graphdef, params), lay, cache, text))
 
-  def switch(self, carry, text):
+  def switch(self, params, carry, text):
     """A prompt switch: new text K/V (and, if configured, the window re-encoded under it)."""
     state, cache = carry
     if self.recache_on_switch:
-      return state, self.recache(self.params, cache, text)
+      return state, self.recache(params, cache, text)
     return state, cache.replace(text=text)
 
 
+# Compiled programs of this process, most recently used last (bounded: each holds executables).
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_MAX_PROGRAMS = 16
+
+
+def _get_program(graphdef, lay, segment, shape, mesh, probe, recache_on_switch) -> _Program:
+  key = (graphdef, lay, segment, shape, mesh, probe, recache_on_switch)
+  prog = _PROGRAMS.pop(key, None)
+  if prog is None:
+    prog = _Program(graphdef, lay, segment, shape, mesh, probe=probe, recache_on_switch=recache_on_switch)
+  _PROGRAMS[key] = prog
+  while len(_PROGRAMS) > _MAX_PROGRAMS:
+    _PROGRAMS.popitem(last=False)
+  return prog
+
+
 def _program(model, context, config, sampler_config, latent_hw, segment, mesh=None):
+  """`(program, params, initial carry)` for this model and config (the program is cached)."""
   lay = tr.make_layout(config, model.cfg, latent_hw, sampler_config)
   carry = tr.initial_carry(model, context, lay)
-  prog = _Program(
-    model,
+  if mesh is not None:  # the carry lives where the segment program expects it
+    carry = jax.device_put(carry, tr.carry_shardings(mesh))
+  graphdef, params = nnx.split(model)
+  shape = tr.noise_shape(lay, carry[0].shape[0], model.cfg.in_channels)
+  prog = _get_program(
+    graphdef,
     lay,
     segment,
-    carry[0].shape[0],
+    shape,
     mesh,
-    probe=bool(config.get("probe", False)),
-    recache_on_switch=bool(config.get("recache_on_switch", False)),
+    bool(config.get("probe", False)),
+    bool(config.get("recache_on_switch", False)),
   )
-  return prog, carry
+  return prog, params, carry
+
+
+def _own(carry):
+  """A private copy of a caller's carry, so that donating it never deletes the caller's arrays."""
+  return jax.tree.map(jnp.copy, carry)
+
+
+def _check_absolute(lay: tr.Layout, start_chunk: int, num_chunks: int | None) -> None:
+  if lay.absolute and num_chunks is not None and (start_chunk + num_chunks) * lay.chunk_frames > lay.window_frames:
+    raise UsageError(
+      f"the absolute Self-Forcing preset holds {lay.window_frames} frames (rollout.absolute_frames): "
+      f"at most {lay.window_frames // lay.chunk_frames} chunks, asked for chunks {start_chunk}.."
+      f"{start_chunk + num_chunks - 1}"
+    )
 
 
 def _check_context(model, context):
   context = jnp.asarray(context)
   if context.ndim != 3 or context.shape[-1] != model.cfg.text_dim:
-    raise ValueError(f"context must be [B, L, {model.cfg.text_dim}], got shape {tuple(context.shape)}")
+    raise UsageError(f"context must be [B, L, {model.cfg.text_dim}], got shape {tuple(context.shape)}")
   return context
 
 
@@ -108,8 +151,8 @@ def _switch_schedule(model, prompts, num_chunks=None):
   out = {}
   for c, ctx in prompts or ():
     if int(c) < 0 or (num_chunks is not None and int(c) >= num_chunks):
-      raise ValueError(f"prompt switch at chunk {c} is outside 0..{num_chunks}")
-    out[int(c)] = model.text_kv(jnp.asarray(ctx))
+      raise UsageError(f"prompt switch at chunk {c} is outside 0..{num_chunks}")
+    out[int(c)] = tr.text_kv(model, ctx)
   return out
 
 
@@ -152,27 +195,24 @@ def rollout(
     (slots first: anchor, window frames, then the jointly denoised frames).
   """
   if num_chunks < 1:
-    raise ValueError(f"num_chunks={num_chunks} must be >= 1")
+    raise UsageError(f"num_chunks={num_chunks} must be >= 1")
   context = _check_context(model, context)
   segment = int(config.get("scan_chunks", 8))
-  prog, init = _program(model, context, config, sampler_config, latent_hw, segment, mesh)
-  lay = prog.lay
-  if lay.absolute and (start_chunk + num_chunks) * lay.chunk_frames > lay.window_frames:
-    raise ValueError(
-      f"the absolute Self-Forcing preset holds {lay.window_frames} frames "
-      f"(rollout.absolute_frames): at most {lay.window_frames // lay.chunk_frames} chunks"
-    )
-  carry = init if carry is None else carry
+  if segment < 1:
+    raise UsageError(f"rollout.scan_chunks={segment} must be >= 1")
+  prog, params, init = _program(model, context, config, sampler_config, latent_hw, segment, mesh)
+  _check_absolute(prog.lay, start_chunk, num_chunks)
+  carry = init if carry is None else _own(carry)
   switches = _switch_schedule(model, prompts, start_chunk + num_chunks)
   key = _key(key)
   frames, shares = [], []
   c, end = start_chunk, start_chunk + num_chunks
   while c < end:
     if c in switches:
-      carry = prog.switch(carry, switches[c])
+      carry = prog.switch(params, carry, switches[c])
     nxt = min([s for s in switches if s > c] + [end])
     live = min(segment, nxt - c)
-    carry, ys = prog.seg(prog.params, carry, key, jnp.int32(c), jnp.int32(live))
+    carry, ys = prog.seg(params, carry, key, jnp.int32(c), jnp.int32(live))
     frames.append(ys[0][:live])
     if prog.probe:
       shares.append(ys[1][:live])
@@ -204,22 +244,30 @@ def stream(
   `prefill`ed cache).
   """
   context = _check_context(model, context)
-  prog, init = _program(model, context, config, sampler_config, latent_hw, 1)
-  carry = init if carry is None else carry
+  prog, params, init = _program(model, context, config, sampler_config, latent_hw, 1)
+  _check_absolute(prog.lay, start_chunk, num_chunks)
   switches = _switch_schedule(model, prompts)
-  key = _key(key)
+  carry = init if carry is None else _own(carry)
+  return _stream(prog, params, carry, switches, _key(key), start_chunk, num_chunks)
+
+
+def _stream(prog, params, carry, switches, key, start_chunk, num_chunks):
   c = start_chunk
   while num_chunks is None or c < start_chunk + num_chunks:
-    if prog.lay.absolute and (c + 1) * prog.lay.chunk_frames > prog.lay.window_frames:
-      return  # the absolute preset's buffer is full
+    _check_absolute(prog.lay, c, 1)  # an endless stream of the absolute preset stops here
     if c in switches:
-      carry = prog.switch(carry, switches[c])
-    carry, ys = prog.one(prog.params, carry, key, jnp.int32(c))
+      carry = prog.switch(params, carry, switches[c])
+    carry, ys = prog.one(params, carry, key, jnp.int32(c))
     yield ys[0]
     c += 1
 
 
-def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, carry=None):
+@functools.lru_cache(maxsize=16)
+def _prefill_write(graphdef, lay: tr.Layout):
+  return jax.jit(lambda p, c, x0, noise: tr.write_cache(nnx.merge(graphdef, p), lay, c, x0, noise))
+
+
+def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, carry=None, key=None):
   """Conditions a rollout on given clean latents (image- or video-to-video continuation).
 
   The frames are written into the cache exactly as generated frames would be: chunk by chunk
@@ -236,6 +284,8 @@ def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, car
     config: the `rollout` section.
     sampler_config: the `sampler` section.
     carry: continue from this carry instead of an empty cache.
+    key: noise for the clean re-run when it is noised (`sampler.context_timestep > 0` or
+      `sampler.context_sigma="table"`); default `jax.random.key(0)`.
 
   Returns:
     `(state, cache)`.
@@ -243,22 +293,17 @@ def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, car
   context = _check_context(model, context)
   latents = jnp.asarray(latents, jnp.float32)
   if latents.ndim != 5:
-    raise ValueError(f"conditioning latents must be [B, n, H, W, C], got shape {latents.shape}")
+    raise UsageError(f"conditioning latents must be [B, n, H, W, C], got shape {latents.shape}")
   lay = tr.make_layout(config, model.cfg, latents.shape[2:4], sampler_config)
   n, f = latents.shape[1], lay.chunk_frames
   if lay.absolute and n % f:
-    raise ValueError(f"the absolute preset prefills whole chunks: {n} frames is not a multiple of F={f}")
+    raise UsageError(f"the absolute preset prefills whole chunks: {n} frames is not a multiple of F={f}")
   state, cache = tr.initial_carry(model, context, lay) if carry is None else carry
   graphdef, params = nnx.split(model)
-  steps = {}  # group size -> jitted cache write: whole chunks share one compile, a remainder one more
+  key = jax.random.key(0) if key is None else _key(key)
 
-  def write(g):
-    if g not in steps:
-      sub = dataclasses.replace(lay, chunk_frames=g)
-      steps[g] = jax.jit(
-        lambda p, c, x0: tr.write_cache(nnx.merge(graphdef, p), sub, c, x0, jnp.zeros((1, *x0.shape), x0.dtype))
-      )
-    return steps[g]
+  def write(g):  # whole chunks share one compile, a remainder one more (cached per process)
+    return _prefill_write(graphdef, dataclasses.replace(lay, chunk_frames=g))
 
   start = 0
   while start < n:
@@ -267,7 +312,8 @@ def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, car
     if lay.anchor == "adaptive":
       state = x[:, -lay.state_frames :] if g >= lay.state_frames else jnp.concatenate([state[:, g:], x], axis=1)
       x = jnp.concatenate([state, x], axis=1)
-    cache = write(g)(params, cache, x)
+    noise = jax.random.normal(jax.random.fold_in(key, start), (1, *x.shape), jnp.float32)
+    cache = write(g)(params, cache, x, noise)
     start += g
   return state, cache
 

@@ -26,6 +26,7 @@ absolute frame index.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from asvd import kv_cache, sampler
+from asvd.errors import UsageError
 from asvd.kv_cache import Cache
 from asvd.models.dit import WanDiT
 
@@ -56,10 +58,17 @@ class Layout:
   sigmas: tuple[float, ...]
   context_timestep: float
   context_sigma: float
+  context_noise: bool = False  # the clean re-run's input is re-noised (fresh noise, last slot)
+  sink_in_window: bool = False  # sink: the sink frames also enter the window
 
   @property
   def num_slots(self) -> int:
     return self.state_frames + self.window_frames
+
+  @property
+  def noise_slots(self) -> int:
+    """Noise tensors per chunk: one per step, plus one for a noised clean re-run."""
+    return len(self.timesteps) + int(self.context_noise)
 
   @property
   def z_frames(self) -> int:
@@ -89,46 +98,61 @@ def make_layout(config, model_cfg, latent_hw=None, sampler_config=None) -> Layou
 
     sampler_config = base_config().sampler
   r = config
+  bs = r.get("batch_size", 1)
+  if not isinstance(bs, int) or bs < 1:
+    raise UsageError(f"rollout.batch_size={bs!r} must be an integer >= 1")
   anchor = r.anchor
   if anchor not in ANCHORS:
-    raise ValueError(f"rollout.anchor={anchor!r}; choose one of {ANCHORS}")
+    raise UsageError(f"rollout.anchor={anchor!r}; choose one of {ANCHORS}")
   if r.positions not in ("relative", "absolute"):
-    raise ValueError(f"rollout.positions={r.positions!r}; choose 'relative' or 'absolute'")
+    raise UsageError(f"rollout.positions={r.positions!r}; choose 'relative' or 'absolute'")
   if r.state_position not in ("anchor", "leading"):
-    raise ValueError(f"rollout.state_position={r.state_position!r}; choose 'anchor' or 'leading'")
+    raise UsageError(f"rollout.state_position={r.state_position!r}; choose 'anchor' or 'leading'")
   f, fs, wp = int(r.chunk_frames), int(r.state_frames), int(r.window_frames)
   if f < 1:
-    raise ValueError(f"rollout.chunk_frames={f} must be >= 1")
+    raise UsageError(f"rollout.chunk_frames={f} must be >= 1")
   if fs < 0 or wp < 0:
-    raise ValueError(f"rollout.state_frames={fs} and rollout.window_frames={wp} must be >= 0")
+    raise UsageError(f"rollout.state_frames={fs} and rollout.window_frames={wp} must be >= 0")
   absolute = r.positions == "absolute"
   if absolute:
     if anchor != "none":
-      raise ValueError("rollout.positions='absolute' is the Self-Forcing preset: set rollout.anchor='none'")
+      raise UsageError("rollout.positions='absolute' is the Self-Forcing preset: set rollout.anchor='none'")
     fs, wp = 0, int(r.absolute_frames)
   elif anchor in ("adaptive", "sink", "ema") and fs < 1:
-    raise ValueError(f"rollout.anchor={anchor!r} needs rollout.state_frames >= 1")
+    raise UsageError(f"rollout.anchor={anchor!r} needs rollout.state_frames >= 1")
   if anchor == "sink" and fs > f:
-    raise ValueError(f"rollout.anchor='sink' fills {fs} anchor slots from the first chunk of {f} frames")
+    raise UsageError(f"rollout.anchor='sink' fills {fs} anchor slots from the first chunk of {f} frames")
   if anchor == "ema" and fs != 1:
-    raise ValueError("rollout.anchor='ema' keeps one running average: set rollout.state_frames=1")
+    raise UsageError("rollout.anchor='ema' keeps one running average: set rollout.state_frames=1")
   if not 0.0 <= float(r.ema_decay) < 1.0:
-    raise ValueError(f"rollout.ema_decay={r.ema_decay} must be in [0, 1)")
-  hw = tuple(int(v) for v in (latent_hw if latent_hw is not None else r.latent_hw))
+    raise UsageError(f"rollout.ema_decay={r.ema_decay} must be in [0, 1)")
+  raw_hw = latent_hw if latent_hw is not None else r.latent_hw
+  try:
+    hw = tuple(int(v) for v in raw_hw)
+  except (TypeError, ValueError):
+    hw = ()
+  if len(hw) != 2 or min(hw) < 1:
+    raise UsageError(f"rollout.latent_hw={raw_hw!r} must be two positive integers (latent H, W)")
   _, ph, pw = model_cfg.patch_size
   if hw[0] % ph or hw[1] % pw:
-    raise ValueError(f"rollout.latent_hw={hw} must be divisible by the patch size {(ph, pw)}")
+    raise UsageError(f"rollout.latent_hw={hw} must be divisible by the patch size {(ph, pw)}")
   tokens = (hw[0] // ph) * (hw[1] // pw)
   positions_needed = (fs + wp + f + (fs if r.state_position == "leading" else 0)) if not absolute else wp
   hp, wq = hw[0] // ph, hw[1] // pw
   if max(positions_needed, hp, wq) > model_cfg.rope_max_seq_len:
-    raise ValueError(
+    raise UsageError(
       f"RoPE positions up to {max(positions_needed, hp, wq)} exceed model.rope_max_seq_len="
       f"{model_cfg.rope_max_seq_len}"
     )
   s = sampler_config
   ts, sig = sampler.step_sigmas(s)
   t_ctx = float(s.context_timestep)
+  mode = s.get("context_sigma", "exact")
+  if mode not in ("exact", "table"):
+    raise UsageError(f"sampler.context_sigma={mode!r}; choose 'exact' or 'table'")
+  if not 0.0 <= t_ctx <= float(s.num_train_timesteps):
+    raise UsageError(f"sampler.context_timestep={t_ctx} must be in [0, {s.num_train_timesteps}]")
+  context_noise = t_ctx > 0 or mode == "table"
   return Layout(
     anchor=anchor,
     absolute=absolute,
@@ -142,7 +166,9 @@ def make_layout(config, model_cfg, latent_hw=None, sampler_config=None) -> Layou
     timesteps=tuple(float(v) for v in ts),
     sigmas=tuple(float(v) for v in sig),
     context_timestep=t_ctx,
-    context_sigma=float(sampler.sigma_of(t_ctx, s)[0]) if t_ctx > 0 else 0.0,
+    context_sigma=float(sampler.sigma_of(t_ctx, s)[0]) if context_noise else 0.0,
+    context_noise=context_noise,
+    sink_in_window=bool(r.get("sink_in_window", False)),
   )
 
 
@@ -183,7 +209,7 @@ def denoise(model: WanDiT, lay: Layout, cache: Cache, noise: jax.Array, probe: b
   z = noise[0].astype(jnp.float32)
   if steps > 1:
     # step i re-noises to sigma_{i+1} with noise[i+1]
-    z, _ = jax.lax.scan(step, z, (ts[:-1], sig[:-1], sig[1:], noise[1:]))
+    z, _ = jax.lax.scan(step, z, (ts[:-1], sig[:-1], sig[1:], noise[1:steps]))
   v, aux = predict(z, ts[-1], probe)
   x0 = z - sig[-1] * v
   return x0, (aux["share"] if probe else None)
@@ -195,8 +221,8 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
   slot_pos, z_pos = _positions(lay, cache)
   b, fz = x0.shape[:2]
   x_in = x0
-  if lay.context_timestep > 0:  # Self-Forcing noises the clean output to the context level
-    x_in = (1.0 - lay.context_sigma) * x0 + lay.context_sigma * noise[0]
+  if lay.context_noise:  # noised to the context level with the chunk's own fresh noise slot
+    x_in = (1.0 - lay.context_sigma) * x0 + lay.context_sigma * noise[-1]
   t_bf = jnp.full((b, fz), lay.context_timestep, jnp.float32)
   _, aux = model(x_in, t_bf, cache.text, positions=z_pos, slots=cache.slots(slot_pos), return_kv=True)
   k_new = kv_cache.frames_of(jax.lax.stop_gradient(aux["k"]).astype(cache.k.dtype), lay.tokens)
@@ -215,16 +241,23 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
 
   # Content K/V (the last F frames of z) enter the window; the oldest frames fall out.
   kx, vx = k_new[:, :, -f:], v_new[:, :, -f:]
+  anc_valid = valid[:, :fs]
+  x_valid = jnp.ones((b, f), bool)
+  if lay.anchor == "sink" and not lay.sink_in_window:
+    # LongLive: the frames that fill the sink now are kept out of the window (the window slots
+    # they would take stay masked until they age out), so no frame is attended twice.
+    x_valid = x_valid.at[:, :fs].set(anc_valid[:, :1])
   win_k = jnp.concatenate([k_old[:, :, fs:], kx], axis=2)  # [L, B, Wp + F, T, H, Dh]
   win_v = jnp.concatenate([v_old[:, :, fs:], vx], axis=2)
-  win_valid = jnp.concatenate([valid[:, fs:], jnp.ones((b, f), bool)], axis=1)
+  win_valid = jnp.concatenate([valid[:, fs:], x_valid], axis=1)
   evicted_k, evicted_v, evicted_valid = win_k[:, :, :f], win_v[:, :, :f], win_valid[:, :f]
   win_k, win_v, win_valid = win_k[:, :, f:], win_v[:, :, f:], win_valid[:, f:]
   x_lat = x0[:, -f:].astype(jnp.float32)
   win_lat = jnp.concatenate([cache.lat[:, fs:], x_lat], axis=1)[:, f:]
 
-  anc_k, anc_v, anc_valid = k_old[:, :, :fs], v_old[:, :, :fs], valid[:, :fs]
+  anc_k, anc_v = k_old[:, :, :fs], v_old[:, :, :fs]
   anc_lat = cache.lat[:, :fs]
+  acc_k, acc_v = cache.acc_k, cache.acc_v
   if lay.anchor == "adaptive":  # the new state's K/V replace the old state's
     anc_k, anc_v = k_new[:, :, :fs], v_new[:, :, :fs]
     anc_valid = jnp.ones_like(anc_valid)
@@ -235,23 +268,27 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
     anc_v = jnp.where(keep, anc_v, vx[:, :, :fs])
     anc_lat = jnp.where(anc_valid[:, :, None, None, None], anc_lat, x_lat[:, :fs])
     anc_valid = jnp.ones_like(anc_valid)
-  elif lay.anchor == "ema":  # running average of evicted frames, oldest first
+  elif lay.anchor == "ema":  # running average of evicted frames, oldest first, in float32
     d = lay.ema_decay
+    have = anc_valid[:, 0]  # [B]
     for j in range(f):
       ev = evicted_valid[:, j]  # [B]
-      have = anc_valid[:, 0]
-      upd_k = jnp.where(have[None, :, None, None, None], d * anc_k[:, :, 0] + (1 - d) * evicted_k[:, :, j], evicted_k[:, :, j])
-      upd_v = jnp.where(have[None, :, None, None, None], d * anc_v[:, :, 0] + (1 - d) * evicted_v[:, :, j], evicted_v[:, :, j])
-      sel = ev[None, :, None, None, None]
-      anc_k = jnp.where(sel, upd_k, anc_k[:, :, 0])[:, :, None]
-      anc_v = jnp.where(sel, upd_v, anc_v[:, :, 0])[:, :, None]
-      anc_valid = anc_valid | ev[:, None]
+      ek = evicted_k[:, :, j].astype(jnp.float32)  # [L, B, T, H, Dh]
+      evv = evicted_v[:, :, j].astype(jnp.float32)
+      h5, e5 = have[None, :, None, None, None], ev[None, :, None, None, None]
+      acc_k = jnp.where(e5, jnp.where(h5, d * acc_k + (1 - d) * ek, ek), acc_k)
+      acc_v = jnp.where(e5, jnp.where(h5, d * acc_v + (1 - d) * evv, evv), acc_v)
+      have = have | ev
+    anc_valid = have[:, None]
+    anc_k, anc_v = acc_k[:, :, None].astype(cache.k.dtype), acc_v[:, :, None].astype(cache.v.dtype)
   # "none": anchor slots stay invalid.
   k = jnp.concatenate([anc_k, win_k], axis=2)
   v = jnp.concatenate([anc_v, win_v], axis=2)
   valid = jnp.concatenate([anc_valid, win_valid], axis=1)
   lat = jnp.concatenate([anc_lat, win_lat], axis=1)
-  return cache.replace(k=kv_cache.tokens_of(k), v=kv_cache.tokens_of(v), valid=valid, lat=lat, chunk=cache.chunk + 1)
+  return cache.replace(
+    k=kv_cache.tokens_of(k), v=kv_cache.tokens_of(v), valid=valid, lat=lat, acc_k=acc_k, acc_v=acc_v, chunk=cache.chunk + 1
+  )
 
 
 def recache(model: WanDiT, lay: Layout, cache: Cache, text) -> Cache:
@@ -306,18 +343,46 @@ def transition_fn(model: WanDiT, lay: Layout, state, cache: Cache, noise, probe:
 
 
 def noise_shape(lay: Layout, batch: int, channels: int) -> tuple[int, ...]:
-  """`[steps, B, Fz, H, W, C]`: all randomness of one chunk."""
-  return (len(lay.timesteps), batch, lay.z_frames, *lay.latent_hw, channels)
+  """`[steps (+1), B, Fz, H, W, C]`: all randomness of one chunk (one slot per denoising step,
+  and one more for the clean re-run when it is noised, `Layout.context_noise`)."""
+  return (lay.noise_slots, batch, lay.z_frames, *lay.latent_hw, channels)
 
 
 def initial_carry(model: WanDiT, context, lay: Layout):
-  """`(state [B, Fs, H, W, C] zeros, empty cache holding the prompt's text K/V)`."""
+  """`(state [B, Fs, H, W, C] zeros, empty cache holding the prompt's text K/V)`.
+
+  The carry is placed (committed) on the device that holds the model's parameters, so the
+  first transition call sees the same placement as every later one and compiles once.
+  """
   cfg = model.cfg
-  text = model.text_kv(jnp.asarray(context))
+  text = text_kv(model, context)
   b = text.k.shape[1]
   state = jnp.zeros((b, lay.state_frames, *lay.latent_hw, cfg.out_channels), jnp.float32)
-  cache = kv_cache.empty_cache(text, lay.num_slots, lay.tokens, jnp.dtype(cfg.dtype), (*lay.latent_hw, cfg.out_channels))
-  return state, cache
+  cache = kv_cache.empty_cache(
+    text, lay.num_slots, lay.tokens, jnp.dtype(cfg.dtype), (*lay.latent_hw, cfg.out_channels), ema=lay.anchor == "ema"
+  )
+  return jax.device_put((state, cache), home_device(model))
+
+
+def home_device(model: WanDiT):
+  """The device of the model's parameters (the first device when they are spread or unplaced)."""
+  leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+  devices = getattr(leaf, "devices", lambda: set())()
+  return next(iter(devices)) if len(devices) == 1 else jax.devices()[0]
+
+
+def text_kv(model: WanDiT, context):
+  """`model.text_kv(context)` through a jit cached per model graph (compiled once per shape)."""
+  graphdef, params = nnx.split(model)
+  return _text_kv_fn(graphdef)(params, jnp.asarray(context))
+
+
+@functools.lru_cache(maxsize=16)
+def _text_kv_fn(graphdef):
+  def prompt_kv(params, context):
+    return nnx.merge(graphdef, params).text_kv(context)
+
+  return jax.jit(prompt_kv)
 
 
 def carry_shardings(mesh, rules=None):
@@ -352,20 +417,20 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
   context = jnp.asarray(context)
   state, cache = initial_carry(model, context, lay)
   graphdef, params = nnx.split(model)
-  kw = {}
+  rules_key = None if rules is None else tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rules.items()))
+  step = _jitted_step(graphdef, lay, mesh, rules_key)
   if mesh is not None:
-    from asvd import sharding as shard_lib  # noqa: PLC0415
-
-    state_sh, cache_sh = carry_shardings(mesh, rules)
-    noise_sh = shard_lib.logical_sharding(("steps", "batch", "frames", "height", "width", "channels"), mesh, rules)
-    kw = {"in_shardings": (None, state_sh, cache_sh, noise_sh), "out_shardings": (state_sh, cache_sh, state_sh)}
-    state, cache = jax.device_put((state, cache), (state_sh, cache_sh))
-  step = jax.jit(lambda p, s, c, n: transition_fn(nnx.merge(graphdef, p), lay, s, c, n), **kw)
+    state, cache = jax.device_put((state, cache), carry_shardings(mesh, rules))
   want = noise_shape(lay, state.shape[0], model.cfg.in_channels)
 
   def transition(state, cache, noise):
     if tuple(noise.shape) != want:
-      raise ValueError(f"noise has shape {tuple(noise.shape)}; this transition expects {want} [steps, B, Fz, H, W, C]")
+      raise UsageError(f"noise has shape {tuple(noise.shape)}; this transition expects {want} [steps, B, Fz, H, W, C]")
+    if lay.absolute and (int(cache.chunk) + 1) * lay.chunk_frames > lay.window_frames:
+      raise UsageError(
+        f"the absolute Self-Forcing preset holds {lay.window_frames} frames (rollout.absolute_frames): "
+        f"chunk {int(cache.chunk)} would write past its end"
+      )
     return step(params, state, cache, noise)
 
   transition.layout = lay
@@ -373,6 +438,23 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
   transition.params = params
   transition.graphdef = graphdef
   return state, cache, transition
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_step(graphdef, lay: Layout, mesh, rules):
+  """One jitted transition per (model graph, layout, mesh, rules): compiled once per process."""
+  rules = None if rules is None else dict(rules)
+  kw = {}
+  if mesh is not None:
+    from asvd import sharding as shard_lib  # noqa: PLC0415
+
+    state_sh, cache_sh = carry_shardings(mesh, rules)
+    noise_sh = shard_lib.logical_sharding(("steps", "batch", "frames", "height", "width", "channels"), mesh, rules)
+    kw = {"in_shardings": (None, state_sh, cache_sh, noise_sh), "out_shardings": (state_sh, cache_sh, state_sh)}
+  def transition_step(params, state, cache, noise):
+    return transition_fn(nnx.merge(graphdef, params), lay, state, cache, noise)
+
+  return jax.jit(transition_step, **kw)
 
 
 __all__ = ["make_transition", "transition_fn", "Layout", "make_layout", "Cache"]

@@ -46,14 +46,14 @@ def live_bytes() -> int:
 def bench_mode(model, context, cfg, anchor, chunks, marks, window):
   rc = cfg.rollout.copy_and_resolve_references()
   rc.anchor = anchor
-  prog, carry = streaming._program(model, context, rc, cfg.sampler, None, 1)
+  prog, params, carry = streaming._program(model, context, rc, cfg.sampler, None, 1)
   key = jax.random.key(0)
-  lowered = prog.one.lower(prog.params, carry, key, jnp.int32(0))
+  lowered = prog.one.lower(params, carry, key, jnp.int32(0))
   flops = float((lowered.compile().cost_analysis() or {}).get("flops", 0.0))
   times, mem = np.zeros(chunks), {}
   for c in range(chunks):
     t0 = time.perf_counter()
-    carry, ys = prog.one(prog.params, carry, key, jnp.int32(c))
+    carry, ys = prog.one(params, carry, key, jnp.int32(c))
     jax.block_until_ready(ys)
     times[c] = time.perf_counter() - t0
     if c in marks:

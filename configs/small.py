@@ -1,12 +1,13 @@
 """Small config for CPU benchmarks (8 heads x 64, 6 layers, ffn 2048; 1,536 tokens at 6x32x32).
 
-Args (after `:`): `bf16` selects bf16 params/activations with f32 accumulation.
+Args (after `:`): `f32` (default) or `bf16`, which selects bf16 params/activations with f32 accumulation.
 """
 
-from asvd.config import base_config
+from asvd.config import base_config, config_arg
 
 
 def get_config(arg=None):
+  arg = config_arg(arg, {"f32": "float32", "bf16": "bfloat16 params and activations"}, __file__)
   c = base_config()
   c.name = "small"
   # CPU-tuned (benchmarks/README.md): blocked attention keeps score tiles in cache, and

@@ -3,12 +3,13 @@
 Args (after `:`): `bf16` (default for real runs on accelerators) or `f32`.
 """
 
-from asvd.config import base_config
+from asvd.config import base_config, config_arg
 
 
-def get_config(arg="bf16"):
+def get_config(arg=None):
+  arg = config_arg(arg, {"bf16": "bfloat16 params and activations", "f32": "float32"}, __file__)
   c = base_config()
   c.name = "wan_t2v_1_3b"
-  if (arg or "bf16") == "bf16":
+  if arg == "bf16":
     c.model.update(dtype="bfloat16", param_dtype="bfloat16")
   return c

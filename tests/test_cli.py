@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from asvd.video import latent_preview
+
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
@@ -24,6 +26,33 @@ def test_generate_random_writes_latents(tmp_path):
   meta = json.loads((out / "generate.json").read_text())
   assert meta["overrides"] == ["--config.rollout.anchor=ema"]
   assert "chunk" in p.stderr  # the tqdm progress bar
+  assert "compiling" in p.stderr and "compiled + chunk 1 in" in p.stderr  # compile reported apart
+  assert "os.fork()" not in p.stderr  # ffmpeg is spawned without forking the JAX process
+  assert "preview.mp4 (a preview" in p.stdout
+  # The preview without a VAE: one RGB frame per latent frame, the fixed projection, upscaled 8x.
+  frames = read_video(out / "preview.mp4")
+  assert frames.shape == (9, 64, 64, 3)
+  want = latent_preview(lat[0])
+  assert np.abs(frames.astype(float) - want).mean() < 6  # H.264 is lossy; a wrong projection is far off
+  assert np.abs(frames.astype(float) - latent_preview(lat[0, ::-1])).mean() > 3 * np.abs(frames.astype(float) - want).mean()
+
+
+def test_decode_preview_and_rerun(tmp_path):
+  lat = np.random.default_rng(0).standard_normal((1, 6, 4, 5, 16)).astype(np.float32)
+  np.save(tmp_path / "lat.npy", lat)
+  p = asvd_cli("decode", str(tmp_path / "lat.npy"), "--preview", "--out", str(tmp_path / "d"))
+  assert p.returncode == 0, p.stderr
+  assert read_video(tmp_path / "d" / "preview.mp4").shape == (6, 32, 40, 3)
+  p = asvd_cli("decode", str(tmp_path / "lat.npy"), "--preview", "--out", str(tmp_path / "d"))
+  assert p.returncode == 0, p.stderr  # asvd may replace what it wrote itself
+
+
+def read_video(path):
+  import imageio_ffmpeg  # noqa: PLC0415
+
+  gen = imageio_ffmpeg.read_frames(str(path))
+  w, h = next(gen)["size"]
+  return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen])
 
 
 def test_eval_attention_writes_png(tmp_path):
@@ -32,6 +61,8 @@ def test_eval_attention_writes_png(tmp_path):
   assert (tmp_path / "attention_share.png").read_bytes()[:4] == b"\x89PNG"
   groups = json.loads((tmp_path / "attention_share.json").read_text())
   assert set(groups) == {"anchor", "window[0]", "window[1]", "window[2]", "self"}
+  shares = np.array([groups[k] for k in groups])  # [groups, chunks, layers]
+  np.testing.assert_allclose(shares.sum(0), 1.0, atol=1e-5)
 
 
 def test_bad_arguments_fail_fast(tmp_path):

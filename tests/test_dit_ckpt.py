@@ -13,7 +13,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from torch_refs import TINY_DIT, dit_to_wan_names
+import tolerances
+from torch_refs import TINY_DIT, dit_to_wan_names, pad_text
 
 import asvd
 from asvd.ckpt import dit_port
@@ -56,8 +57,10 @@ def reference(tmp_path_factory):
   return tr, str(folder)
 
 
-def run_reference(tr, x_bfhwc, t_bf, ctx):
-  """diffusers forward with a per-token timestep `[B, F*h*w]` built from per-frame values."""
+def run_reference(tr, x_bfhwc, t_bf, ctx, text_len=512):
+  """diffusers forward with a per-token timestep `[B, F*h*w]` built from per-frame values, on
+  the prompt padded to `text_len` as Wan's pipeline does."""
+  ctx = pad_text(ctx, text_len)
   b, f, h, w, _ = x_bfhwc.shape
   tok = np.repeat(t_bf, (h // 2) * (w // 2), axis=1)
   with torch.no_grad():
@@ -82,8 +85,8 @@ def assert_parity(model, tr, **kw):
   x, t, ctx = inputs(**kw)
   ref = run_reference(tr, x, t, ctx)
   out = np.asarray(model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)))
-  err = np.abs(out - ref).max() / np.abs(ref).max()
-  assert err <= 1e-4, err
+  err = tolerances.rel_err(out, ref)
+  assert err <= tolerances.DIT, err
 
 
 def test_parity_diffusers_folder(reference):
@@ -176,15 +179,6 @@ def test_orbax_roundtrip_and_convert_cli(reference, tmp_path):
   )
   m16 = asvd.load_dit(dst, dtype=jnp.bfloat16)
   assert m16.cfg.param_dtype == "bfloat16"
-
-
-def test_save_is_atomic_and_overwrites(reference, tmp_path):
-  _, folder = reference
-  model = asvd.load_dit(folder)
-  dst = tmp_path / "ck"
-  asvd.save_dit(model, dst)
-  asvd.save_dit(model, dst)  # overwrite in place
-  assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temp or .old folders left behind
 
 
 def test_export_roundtrip_matches_diffusers_names(reference):

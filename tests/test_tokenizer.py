@@ -179,7 +179,7 @@ def test_clean_prompt():
 def test_encode_prompts_end_to_end(tmp_path, spm_dir):
   torch = pytest.importorskip("torch", reason=TORCH_REASON)
   transformers = pytest.importorskip("transformers", reason=TORCH_REASON)
-  from asvd.models.umt5 import load_text_encoder
+  from asvd.ckpt.umt5_port import load_text_encoder
 
   torch.manual_seed(0)
   cfg = transformers.UMT5Config(

@@ -145,12 +145,84 @@ def test_sink_frozen_after_first_chunk(model, context, cfg):
   state, c1, _ = trans(state, cache, noise_for(trans, seed=1))
   assert bool(c1.valid[:, 0].all())
   # The sink is the first generated frame's K/V: the first window slot's frame after chunk 1
-  # (window = the 3 frames of chunk 1).
+  # (window = the 3 frames of chunk 1); that slot is masked, so the frame is not attended twice.
   np.testing.assert_array_equal(np.asarray(c1.k[:, :, :t]), np.asarray(c1.k[:, :, t : 2 * t]))
+  np.testing.assert_array_equal(np.asarray(c1.valid), [[True, False, True, True]] * 2)
   c = c1
   for i in range(3):
     state, c, _ = trans(state, c, noise_for(trans, seed=10 + i))
     np.testing.assert_array_equal(np.asarray(c.k[:, :, :t]), np.asarray(c1.k[:, :, :t]))
+
+
+def test_sink_disjoint_from_window_by_default(model, context, cfg):
+  """LongLive keeps sink and window disjoint; `sink_in_window=True` is the knob for the other."""
+  outs = {}
+  for both in (False, True):
+    rc = rcfg(cfg, anchor="sink", state_frames=2, window_frames=4, sink_in_window=both)
+    state, cache, trans = asvd.make_transition(model, context, config=rc)
+    frames = []
+    for i in range(3):
+      state, cache, f = trans(state, cache, noise_for(trans, seed=i))
+      frames.append(np.asarray(f))
+      if i == 0:  # window [pad, x0, x1, x2]: x0, x1 are the sink
+        want = [True, True, False, both, both, True]
+        np.testing.assert_array_equal(np.asarray(cache.valid[0]), want)
+    np.testing.assert_array_equal(np.asarray(cache.valid[0]), [True] * 6)  # later frames all valid
+    outs[both] = frames
+  np.testing.assert_array_equal(outs[False][0], outs[True][0])  # the first chunk sees no cache
+  assert not np.allclose(outs[False][1], outs[True][1])  # the second attends differently
+
+
+def test_ema_accumulates_in_float32():
+  """A bf16 cache keeps the EMA anchor's average in float32: after 40 folds at decay 0.99 it
+  matches a float64 average of the evicted frames, where folding in bf16 drifts."""
+  import ml_dtypes  # noqa: PLC0415
+
+  cfg16 = asvd.load_config("configs/tiny.py:bf16")
+  model16 = asvd.init_dit(cfg16.model, 3)
+  rc = rcfg(cfg16, anchor="ema", ema_decay=0.99)
+  ctx = jax.random.normal(jax.random.key(1), (1, 16, 32))
+  state, cache, trans = asvd.make_transition(model16, ctx, config=rc)
+  assert cache.k.dtype == jnp.bfloat16 and cache.acc_k.dtype == jnp.float32
+  t, d = trans.layout.tokens, 0.99
+  ref = ref16 = None
+  for i in range(40):
+    if bool(cache.valid[0, 1]):  # this chunk evicts the window's 3 frames, oldest first
+      for j in range(3):
+        e = np.asarray(cache.k[:, :, (1 + j) * t : (2 + j) * t], np.float64)
+        ref = e if ref is None else d * ref + (1 - d) * e
+        e16 = e.astype(ml_dtypes.bfloat16)
+        ref16 = e16 if ref16 is None else (d * ref16.astype(np.float32) + (1 - d) * e16.astype(np.float32)).astype(ml_dtypes.bfloat16)
+    state, cache, _ = trans(state, cache, noise_for(trans, batch=1, seed=i))
+  scale = np.abs(ref).max()
+  err = np.abs(np.asarray(cache.acc_k)[:, :, :t] - ref).max() / scale
+  err16 = np.abs(ref16.astype(np.float64) - ref).max() / scale
+  assert err < 1e-5, err
+  assert err16 > 30 * err, (err16, err)  # the check can tell the two apart
+  np.testing.assert_array_equal(np.asarray(cache.k[:, :, :t]), np.asarray(cache.acc_k).astype(jnp.bfloat16))
+
+
+def test_context_noise_is_fresh(model, context, cfg):
+  """With `context_timestep > 0` the clean re-run is noised with its own noise slot (not the
+  chunk's initial noise); `context_sigma="table"` is Self-Forcing's training behaviour."""
+  sc = cfg.sampler.copy_and_resolve_references()
+  sc.context_timestep = 250
+  state, cache, trans = asvd.make_transition(model, context, config=rcfg(cfg), sampler_config=sc)
+  lay = trans.layout
+  assert lay.noise_slots == 5 and lay.context_noise and abs(lay.context_sigma - 0.25) < 0.005  # table lookup
+  noise = noise_for(trans, seed=3)
+  other = noise.at[-1].set(jax.random.normal(jax.random.key(9), noise.shape[1:]))
+  s1, c1, f1 = trans(state, cache, noise)
+  s2, c2, f2 = trans(state, cache, other)
+  np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))  # the frames never see it
+  assert not np.allclose(np.asarray(c1.k), np.asarray(c2.k))  # the cache does
+  sc.context_timestep, sc.context_sigma = 0, "table"
+  lay = tr.make_layout(cfg.rollout, model.cfg, None, sc)
+  assert lay.context_noise and lay.noise_slots == 5
+  np.testing.assert_allclose(lay.context_sigma, 5 * 0.001 / (1 + 4 * 0.001))  # smallest table sigma
+  sc.context_sigma = "exact"
+  lay = tr.make_layout(cfg.rollout, model.cfg, None, sc)
+  assert not lay.context_noise and lay.noise_slots == 4 and lay.context_sigma == 0.0
 
 
 def test_ema_update_rule(model, context, cfg):
@@ -209,9 +281,21 @@ def test_none_with_big_window_matches_absolute_preset(model, context, cfg):
 
 def test_absolute_preset_refuses_overflow(model, context, cfg):
   ab = rcfg(cfg, anchor="none", positions="absolute")
-  with pytest.raises(ValueError, match="absolute"):
+  with pytest.raises(ValueError, match="absolute_frames.*at most 7 chunks"):
     asvd.rollout(model, context, 0, num_chunks=8, config=ab)
-  assert len(list(asvd.stream(model, context, 0, config=ab))) == 7  # stops at 21 frames
+  with pytest.raises(ValueError, match="absolute_frames.*at most 7 chunks"):  # before any work
+    asvd.stream(model, context, 0, config=ab, num_chunks=10)
+  got = []
+  with pytest.raises(ValueError, match="absolute_frames.*at most 7 chunks"):  # an endless stream
+    for lat in asvd.stream(model, context, 0, config=ab):
+      got.append(lat)
+  assert len(got) == 7
+  state, cache, step = asvd.make_transition(model, context, config=ab)
+  noise = jnp.zeros(tr.noise_shape(step.layout, 2, 16))
+  for _ in range(7):
+    state, cache, _ = step(state, cache, noise)
+  with pytest.raises(ValueError, match="absolute_frames.*write past its end"):  # no silent clamp
+    step(state, cache, noise)
 
 
 def test_prompt_switching_only_changes_text(model, context, cfg):
@@ -311,7 +395,7 @@ def test_prefill_conditions_like_generated_frames(model, context, cfg):
 
 def test_recache_on_switch_reencodes_window_only(model, context, cfg):
   other = jax.random.normal(jax.random.key(42), context.shape)
-  rc = rcfg(cfg, anchor="sink", recache_on_switch=True)
+  rc = rcfg(cfg, anchor="sink", sink_in_window=True, recache_on_switch=True)  # every window frame valid
   lat_rc, (_, c_rc) = asvd.rollout(model, context, 4, num_chunks=2, config=rc, prompts=[(1, other)])
   _, (_, c0) = asvd.rollout(model, context, 4, num_chunks=1, config=rc)
   lay = tr.make_layout(rc, model.cfg, None, cfg.sampler)
@@ -326,7 +410,7 @@ def test_recache_on_switch_reencodes_window_only(model, context, cfg):
   np.testing.assert_array_equal(np.asarray(recached.k[:, :, :t]), np.asarray(c0.k[:, :, :t]))  # sink kept
   np.testing.assert_array_equal(np.asarray(c0.lat[:, 1:]), np.asarray(lat_rc[:, :3]))  # lat = the frames
   # The rollout with recache differs after the switch from the one without.
-  lat_plain, _ = asvd.rollout(model, context, 4, num_chunks=2, config=rcfg(cfg, anchor="sink"), prompts=[(1, other)])
+  lat_plain, _ = asvd.rollout(model, context, 4, num_chunks=2, config=rcfg(cfg, anchor="sink", sink_in_window=True), prompts=[(1, other)])
   np.testing.assert_array_equal(np.asarray(lat_rc[:, :3]), np.asarray(lat_plain[:, :3]))
   assert not np.allclose(np.asarray(lat_rc[:, 3:]), np.asarray(lat_plain[:, 3:]))
   assert bool(c_rc.valid.all())

@@ -10,11 +10,11 @@ from flax import nnx
 from torch_refs import t5_to_wan_names
 
 from asvd.ckpt.common import CheckpointError
+from asvd.ckpt.umt5_port import load_text_encoder
 from asvd.models.umt5 import (
   UMT5Config,
   UMT5Encoder,
   init_text_encoder,
-  load_text_encoder,
   relative_position_buckets,
 )
 

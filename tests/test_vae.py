@@ -13,6 +13,7 @@ from flax import nnx
 
 from asvd.ckpt import vae_port
 from asvd.ckpt.common import CheckpointError, flat_abstract
+from asvd.ckpt.vae_port import load_vae
 from asvd.models import vae as vae_lib
 
 # Max abs error allowed, relative to the largest magnitude of the reference output.
@@ -117,7 +118,7 @@ def test_parity_with_diffusers(reference):
   cfg = CONFIGS[name]
   if name == "wan21_layout":
     assert any("-of-" in f for f in os.listdir(folder)), "expected a sharded checkpoint"
-  vae = vae_lib.load_vae(folder)
+  vae = load_vae(folder)
   assert vae.config == vae_lib.VAEConfig.from_any(cfg)
   mean, std = np.asarray(cfg["latents_mean"]), np.asarray(cfg["latents_std"])
   rng = np.random.RandomState(1)
@@ -155,9 +156,9 @@ def test_original_pth_layout(reference, tmp_path):
   path = tmp_path / vae_port.ORIGINAL_FILENAME
   torch.save(original, path)
 
-  from_folder = vae_lib.load_vae(folder)
+  from_folder = load_vae(folder)
   for src in (path, tmp_path):  # the file, or a folder holding it
-    from_pth = vae_lib.load_vae(src, config=cfg)
+    from_pth = load_vae(src, config=cfg)
     a, b = nnx.to_pure_dict(nnx.state(from_folder)), nnx.to_pure_dict(nnx.state(from_pth))
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
@@ -165,7 +166,7 @@ def test_original_pth_layout(reference, tmp_path):
   del original["decoder.conv1.bias"]
   torch.save(original, tmp_path / "broken.pth")
   with pytest.raises(CheckpointError) as e:
-    vae_lib.load_vae(tmp_path / "broken.pth", config=cfg)
+    load_vae(tmp_path / "broken.pth", config=cfg)
   assert str(tmp_path / "broken.pth") in str(e.value) and "decoder.conv1.bias" in str(e.value)
 
   # Same outputs too (and checks the original-layout model against diffusers directly).
@@ -233,7 +234,7 @@ def test_bad_checkpoint_lists_every_problem(reference, tmp_path):
   (bad / "config.json").write_text((folder / "config.json").read_text())
   save_file(tensors, str(bad / "diffusion_pytorch_model.safetensors"))
   with pytest.raises(CheckpointError) as e:
-    vae_lib.load_vae(bad)
+    load_vae(bad)
   msg = str(e.value)
   assert str(bad / "diffusion_pytorch_model.safetensors") in msg
   assert "decoder.conv_in.bias" in msg
@@ -310,11 +311,11 @@ def test_config_and_input_errors(tmp_path):
 
   # Missing files say what to put where.
   with pytest.raises(CheckpointError, match="Wan2.1_VAE.pth"):
-    vae_lib.load_vae(tmp_path / "nowhere")
+    load_vae(tmp_path / "nowhere")
   with pytest.raises(CheckpointError, match="config.json"):
-    vae_lib.load_vae(tmp_path)
+    load_vae(tmp_path)
   (tmp_path / "config.json").write_text(
     json.dumps(dict(CONFIGS["one_stage"], _class_name="AutoencoderKLWan"))
   )
   with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors"):
-    vae_lib.load_vae(tmp_path)
+    load_vae(tmp_path)

@@ -82,3 +82,10 @@ def t5_to_wan_names(hf_state):
       parts = key.split(".")  # encoder.block.{i}.layer.{j}.<rest>
       out[f"blocks.{parts[2]}.{_T5_LAYER[(parts[4], '.'.join(parts[5:]))]}"] = t
   return out
+
+
+def pad_text(ctx, text_len):
+  """Wan's prompt encoding: zero rows up to text_len (512 for Wan); the DiT attends them too."""
+  import numpy as np  # noqa: PLC0415
+
+  return np.pad(ctx, ((0, 0), (0, text_len - ctx.shape[1]), (0, 0)))

@@ -20,6 +20,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from asvd.errors import AsvdError
+
 Path = tuple[Any, ...]
 
 _ST_DTYPES = {
@@ -38,7 +40,7 @@ _ST_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AsvdError):
   """A checkpoint could not be read or does not match the model. The message names the file."""
 
 
@@ -90,12 +92,27 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: no such file")
+  size = os.path.getsize(path)
   try:
     with open(path, "rb") as f:
-      (n,) = struct.unpack("<Q", f.read(8))
+      head = f.read(8)
+      _check_not_pointer(path, head + f.read(120))
+      if len(head) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file ({size} bytes: too short for a header)")
+      (n,) = struct.unpack("<Q", head)
+      if n < 2 or 8 + n > size:
+        raise CheckpointError(
+          f"{path}: not a safetensors file (header length {n} does not fit in the file's {size} bytes; "
+          "truncated download, or a text file saved as .safetensors?)"
+        )
+      f.seek(8)
       header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
     mm = np.memmap(path, dtype=np.uint8, mode="r")
   except (struct.error, json.JSONDecodeError, UnicodeDecodeError, ValueError, OSError) as e:
+    if isinstance(e, CheckpointError):
+      raise
     raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
   base = 8 + n
   out = {}
@@ -112,6 +129,17 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     arr = mm[base + start : base + end].view(dtype).reshape(info["shape"])
     out[key] = arr
   return out
+
+
+def _check_not_pointer(path: str, head: bytes) -> None:
+  """Names the usual culprits when a weights file holds text instead of tensors."""
+  if head.startswith(b"version https://git-lfs"):
+    raise CheckpointError(
+      f"{path}: is a git-LFS pointer, not the weights (run `git lfs pull` in its repository, or "
+      "download the file itself)"
+    )
+  if head.lstrip().startswith((b"<!DOCTYPE", b"<html", b"<HTML")):
+    raise CheckpointError(f"{path}: is an HTML page, not the weights (a failed download?)")
 
 
 def read_safetensors_dir(folder: str | os.PathLike, pattern_prefix: str = "") -> dict[str, np.ndarray]:
@@ -165,6 +193,15 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
       f"{path}: reading PyTorch .pt/.pth checkpoints needs torch; install the extra with "
       "`pip install 'asvd[torch]'` (or convert once elsewhere with `asvd convert SRC DST`)"
     ) from e
+  with open(path, "rb") as f:
+    head = f.read(128)
+  _check_not_pointer(path, head)
+  # torch.save writes a zip archive (PK..); legacy files are a pickle (protocol byte 0x80).
+  if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+    raise CheckpointError(
+      f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file "
+      f"starts with {head[:16]!r})"
+    )
   try:
     obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
   except Exception:  # noqa: BLE001  (old non-zip pickles cannot be mmapped)

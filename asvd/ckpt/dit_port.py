@@ -190,6 +190,8 @@ def config_from_json(d: dict, source: str) -> dict:
         out[v] = d[k]
     if d.get("model_type", "t2v") not in ("t2v", "t2i"):
       raise CheckpointError(f"{source}: Wan model_type {d['model_type']!r} is not supported (t2v only)")
+    if d.get("qk_norm") is False:
+      raise CheckpointError(f"{source}: qk_norm=false Wan models are not supported (Wan2.1 uses qk_norm)")
   elif "model" in d and isinstance(d["model"], dict):  # asvd
     out = dict(d["model"])
   else:
@@ -427,6 +429,8 @@ def _resolve_config(found: dict | None, model_config: Any, arrays, naming, sourc
     base = dataclasses.asdict(mc)
   elif found is not None:
     base = dict(found)
+    if naming == "wan":  # Wan's config.json omits text_dim, patch_size, ... (ignore_for_config)
+      base = _complete_from_shapes(base, arrays, source)
   elif naming == "wan":
     base = config_from_shapes(arrays, source, num_heads=overrides.get("num_heads"))
   else:
@@ -435,10 +439,28 @@ def _resolve_config(found: dict | None, model_config: Any, arrays, naming, sourc
   return DiTConfig.from_config(base)
 
 
+def _complete_from_shapes(found: dict, arrays, source: str) -> dict:
+  """Fills what a Wan `config.json` does not record from the weights' shapes.
+
+  A value that the file records and the shapes contradict is an error naming both.
+  """
+  inferred = config_from_shapes(arrays, source, num_heads=found.get("num_heads", 1))
+  if "num_heads" not in found:
+    inferred["num_heads"] = _heads_from_dim(inferred["dim"], 128, source)
+  conflicts = [
+    f"{k}: config.json says {found[k]!r}, the weights say {v!r}"
+    for k, v in inferred.items()
+    if k in found and (tuple(found[k]) if isinstance(found[k], list) else found[k]) != v
+  ]
+  if conflicts:
+    raise CheckpointError(f"{source}: config.json contradicts the weights: " + "; ".join(conflicts))
+  return {**inferred, **found}
+
+
 def load_dit(
   path: str | os.PathLike,
   *,
-  dtype: Any = jnp.float32,
+  dtype: Any = None,
   model_config: Any = None,
   variant: str | None = None,
   **overrides: Any,
@@ -450,6 +472,7 @@ def load_dit(
       (uses `generator_ema` when present, else `generator`), or an asvd/Orbax folder from
       `asvd convert` / `save_dit`.
     dtype: parameter and activation dtype (e.g. `jnp.bfloat16`; matmuls accumulate in f32).
+      Default: the stored dtype for asvd checkpoints, float32 for the others.
     model_config: the model config when the checkpoint carries none (Self-Forcing `.pt` without
       a `config.json` beside it); by default it is read or inferred from shapes (head dim 128).
     variant: for Self-Forcing files, "generator" or "generator_ema".
@@ -462,27 +485,74 @@ def load_dit(
     CheckpointError: naming the file and every missing, unexpected or mis-shaped key.
   """
   path = os.fspath(path)
-  dt = jnp.dtype(dtype).name
-  overrides = {"dtype": dt, "param_dtype": dt, **overrides}
-  if _detect(path) == "asvd":
-    return _load_asvd(path, overrides)
+  fmt = _detect(path)
+  if dtype is not None or fmt != "asvd":  # an asvd checkpoint keeps its stored dtype by default
+    dt = jnp.dtype(jnp.float32 if dtype is None else dtype).name
+    overrides = {"dtype": dt, "param_dtype": dt, **overrides}
+  if fmt == "asvd":
+    return commit(_load_asvd(path, overrides))
   naming, arrays, found = read_foreign(path, variant=variant)
   if naming == "diffusers" and not any(k.startswith("condition_embedder.") for k in arrays):
     naming = "wan" if any(k.startswith("text_embedding.") for k in arrays) else naming
   cfg = _resolve_config(found, model_config, arrays, naming, path, overrides)
   flat = convert_arrays(arrays, naming, cfg, path)
-  return model_from_flat(cfg, flat, jnp.dtype(cfg.param_dtype))
+  return commit(model_from_flat(cfg, flat, jnp.dtype(cfg.param_dtype)))
 
 
-def save_dit(model: WanDiT, path: str | os.PathLike) -> None:
+def commit(model: WanDiT, device=None) -> WanDiT:
+  """Places every parameter on `device` (default: the first) as a committed array.
+
+  Whatever the checkpoint format, the loaded model then has one placement, so a jitted
+  transition compiles once for it (Orbax restores committed arrays, `jnp.asarray` makes
+  uncommitted ones; mixing the two made the first call compile twice).
+  """
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, device or jax.devices()[0])
+  return nnx.merge(graphdef, state)
+
+
+def is_asvd_checkpoint(path: str) -> bool:
+  """Whether `path` is a folder that asvd wrote (`asvd_dit.json` + `params/` and nothing else)."""
+  if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, ASVD_META)):
+    return False
+  return set(os.listdir(path)) <= {ASVD_META, "params"}
+
+
+def _check_destination(path: str, overwrite: bool) -> None:
+  if not os.path.lexists(path):
+    return
+  if not is_asvd_checkpoint(path):
+    what = "a file" if not os.path.isdir(path) else f"a folder holding {sorted(os.listdir(path))[:6]}"
+    raise CheckpointError(
+      f"{path}: exists and is not an asvd checkpoint ({what}); asvd never replaces what it did not "
+      "write: choose another destination"
+    )
+  if not overwrite:
+    raise CheckpointError(f"{path}: an asvd checkpoint is already there; pass --overwrite (overwrite=True) to replace it")
+
+
+def save_dit(model: WanDiT, path: str | os.PathLike, *, overwrite: bool = False) -> None:
   """Writes an asvd checkpoint (Orbax params + `asvd_dit.json`) atomically.
 
   The folder is assembled under a temporary name next to `path` and renamed into place, so an
-  interrupted save never leaves a half-written checkpoint at `path`.
+  interrupted save never leaves a half-written checkpoint at `path`. An existing `path` is
+  replaced only if it is an asvd checkpoint and `overwrite` is set; anything else there is
+  refused, never deleted. While replacing, the old checkpoint is moved aside under a fresh
+  unique name (`PATH.old-XXXX`) and removed only once the new one is in place.
+
+  Args:
+    model: the model.
+    path: the destination folder.
+    overwrite: replace an existing asvd checkpoint at `path`.
+
+  Raises:
+    CheckpointError: `path` exists and is not an asvd checkpoint, or exists and `overwrite` is
+      not set.
   """
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   path = os.path.abspath(os.fspath(path))
+  _check_destination(path, overwrite)
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
@@ -494,12 +564,12 @@ def save_dit(model: WanDiT, path: str | os.PathLike) -> None:
     meta = {"format": "asvd.WanDiT", "version": 1, "model": dataclasses.asdict(model.cfg)}
     with open(os.path.join(tmp, ASVD_META), "w") as f:
       json.dump(meta, f, indent=2)
-    if os.path.exists(path):
-      old = path + ".old"
-      shutil.rmtree(old, ignore_errors=True)
-      os.rename(path, old)
+    if os.path.lexists(path):
+      _check_destination(path, overwrite)  # again: it may have changed while we were writing
+      aside = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+      os.rename(path, os.path.join(aside, "checkpoint"))
       os.rename(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
+      shutil.rmtree(aside)
     else:
       os.rename(tmp, path)
   except BaseException:
@@ -529,12 +599,22 @@ def _load_asvd(path: str, overrides: dict) -> WanDiT:
   return model_from_flat(cfg, to_flat(model), jnp.dtype(cfg.param_dtype))
 
 
-def convert(src: str, dst: str, *, dtype: Any = None, variant: str | None = None) -> WanDiT:
-  """`asvd convert SRC DST`: any supported checkpoint -> asvd Orbax folder (fast reloads)."""
+def convert(src: str, dst: str, *, dtype: Any = None, variant: str | None = None, overwrite: bool = False) -> WanDiT:
+  """`asvd convert SRC DST`: any supported checkpoint -> asvd Orbax folder (fast reloads).
+
+  The destination is checked before anything is read: it must not be (or contain, or lie
+  inside) the source, and an existing one must be an asvd checkpoint and `overwrite` set.
+  """
+  a, b = os.path.realpath(src), os.path.realpath(dst)
+  if not os.path.exists(a):
+    raise CheckpointError(f"{src}: no such file or folder")
+  if os.path.commonpath([a, b]) in (a, b):
+    raise CheckpointError(f"convert {src} -> {dst}: the destination is, contains or lies inside the source; choose another")
+  _check_destination(os.path.abspath(dst), overwrite)
   model = load_dit(src, variant=variant, dtype=jnp.float32 if dtype is None else dtype)
-  save_dit(model, dst)
+  save_dit(model, dst, overwrite=overwrite)
   return model
 
 
-__all__ = ["load_dit", "save_dit", "convert", "export_state_dict", "CheckpointError"]
+__all__ = ["load_dit", "save_dit", "convert", "export_state_dict", "is_asvd_checkpoint", "CheckpointError"]
 

@@ -60,7 +60,7 @@ __all__ = [
   "convert_hf",
   "convert_wan",
   "load_hf_umt5",
-  "load_umt5",
+  "load_text_encoder",
   "load_wan_umt5",
 ]
 
@@ -304,10 +304,31 @@ def load_wan_umt5(
   return _build(cfg, arrays, source=path, dtype=dtype)
 
 
-def load_umt5(
+def load_text_encoder(
   path: str | os.PathLike, *, dtype: Any = jnp.float32, config: UMT5Config | None = None
 ) -> UMT5Encoder:
-  """Dispatches on the layout; see `asvd.models.umt5.load_text_encoder`."""
+  """Loads umT5 encoder weights from a local checkpoint (`asvd.load_text_encoder`).
+
+  Accepted layouts:
+    * a transformers folder (`config.json` with `model_type: umt5` + `model*.safetensors`, sharded
+      or not), e.g. `save_pretrained` of a `UMT5EncoderModel`, or a diffusers Wan folder whose
+      `text_encoder/` subfolder is one;
+    * Wan's original `models_t5_umt5-xxl-enc-bf16.pth`, or a folder containing it (a Wan2.1
+      checkpoint folder such as `Wan2.1-T2V-1.3B/`). Reading .pth needs torch.
+
+  Args:
+    path: the file or folder.
+    dtype: dtype of the returned parameters and computation (bf16 halves memory: ~11 GB for XXL).
+    config: architecture override. Default: `config.json` for transformers folders, umT5-XXL for
+      the original .pth.
+
+  Returns:
+    The encoder with the checkpoint's weights.
+
+  Raises:
+    CheckpointError: the files are missing or do not match the model; the message names the file
+      and every missing, unexpected or mis-shaped key.
+  """
   path = os.fspath(path)
   if os.path.isfile(path):
     if path.endswith((".pth", ".pt", ".bin")):

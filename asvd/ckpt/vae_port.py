@@ -267,6 +267,18 @@ def _build(
 # ------------------------------------------------------------------------------------------------
 
 
+def _is_vae_config(folder: str) -> bool:
+  """Whether `folder/config.json` describes a VAE (a Wan2.1 folder's config.json is the DiT's)."""
+  try:
+    with open(os.path.join(folder, "config.json")) as f:
+      raw = json.load(f)
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    return True  # let read_diffusers_config name the problem
+  if not isinstance(raw, dict):
+    return True
+  return raw.get("_class_name") == "AutoencoderKLWan" or ("z_dim" in raw and "base_dim" in raw)
+
+
 def read_diffusers_config(folder: str | os.PathLike) -> VAEConfig:
   """`config.json` of a diffusers AutoencoderKLWan folder -> `VAEConfig`."""
   path = os.path.join(os.fspath(folder), "config.json")
@@ -355,11 +367,27 @@ def load_single_file(
   return _build(tensors, original=original, config=cfg, dtype=dtype, source=path)
 
 
-def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, config: Any = None) -> WanVAE:
-  """Dispatches on what `path` is; see `asvd.models.vae.load_vae`."""
+def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32, config: Any = None) -> WanVAE:
+  """Loads Wan2.1 VAE weights (`asvd.load_vae`).
+
+  Args:
+    path: a diffusers `AutoencoderKLWan` folder (config.json + diffusion_pytorch_model*.safetensors,
+      sharded or not), a diffusers pipeline folder with a `vae/` subfolder, a Wan2.1 checkpoint
+      folder such as `Wan2.1-T2V-1.3B/` (its `Wan2.1_VAE.pth` is used; its config.json is the
+      DiT's), the original `Wan2.1_VAE.pth`, or a single .pth / .safetensors file in either naming.
+    dtype: parameter / compute dtype.
+    config: overrides the config (default: the folder's config.json, else the published Wan2.1
+      layout).
+
+  Returns:
+    The model.
+
+  Raises:
+    CheckpointError: the file is missing or does not match the model (every bad key listed).
+  """
   path = os.fspath(path)
   if os.path.isdir(path):
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(os.path.join(path, "config.json")) and _is_vae_config(path):
       return load_diffusers_vae(path, dtype=dtype, config=config)
     if os.path.isfile(os.path.join(path, ORIGINAL_FILENAME)):
       return load_single_file(os.path.join(path, ORIGINAL_FILENAME), dtype=dtype, config=config)

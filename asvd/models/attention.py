@@ -34,9 +34,22 @@ _NEG = -1e30
 _REGISTRY: dict[str, Callable] = {}
 
 
-def register_attention(name: str, fn: Callable) -> None:
-  """Adds a kernel under `name` (see the module docstring for the signature)."""
+_PLATFORMS: dict[str, tuple[str, ...]] = {}  # backends that run only on some platforms
+
+
+def register_attention(name: str, fn: Callable, platforms: tuple[str, ...] | None = None) -> None:
+  """Adds a kernel under `name` (see the module docstring for the signature).
+
+  Args:
+    name: the `model.attention` value that selects it.
+    fn: the kernel.
+    platforms: the JAX platforms it runs on (e.g. `("gpu",)`); None = every platform.
+  """
   _REGISTRY[name] = fn
+  if platforms:
+    _PLATFORMS[name] = tuple(platforms)
+  else:
+    _PLATFORMS.pop(name, None)
 
 
 def get_attention(name: str) -> Callable:
@@ -46,6 +59,23 @@ def get_attention(name: str) -> Callable:
       f"available: {sorted(_REGISTRY)}"
     )
   return _REGISTRY[name]
+
+
+def check_available(name: str, platform: str | None = None) -> None:
+  """Raises a one-line error if backend `name` is unknown or cannot run on `platform`
+  (default: this process's JAX backend), before anything is loaded or compiled."""
+  get_attention(name)
+  need = _PLATFORMS.get(name)
+  if need:
+    import jax  # noqa: PLC0415
+
+    here = platform or jax.default_backend()
+    if here not in need:
+      ok = sorted(n for n in _REGISTRY if here in _PLATFORMS.get(n, (here,)))
+      raise ValueError(
+        f"model.attention={name!r} runs on {'/'.join(need)} only; this process runs on {here}: "
+        f"use one of {ok}"
+      )
 
 
 def available_attention() -> list[str]:
@@ -122,4 +152,4 @@ def _blocked(q, k, v, frame_mask=None, probe=False, *, block_q=512):
 register_attention("xla", _xla)
 register_attention("dot_product", functools.partial(_dpa, implementation=None))
 register_attention("blocked", _blocked)
-register_attention("cudnn", functools.partial(_dpa, implementation="cudnn"))
+register_attention("cudnn", functools.partial(_dpa, implementation="cudnn"), platforms=("gpu", "cuda"))

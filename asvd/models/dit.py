@@ -355,12 +355,18 @@ class WanDiT(nnx.Module):
   # -- pieces ------------------------------------------------------------------------------------
 
   def embed_text(self, context):
-    """Text MLP: `[B, L, text_dim]` -> `[B, L, D]`."""
+    """Text MLP: `[B, L, text_dim]` -> `[B, text_len, D]`, zero-padding `L` up to `text_len` as Wan
+    does, so the result never depends on how much padding the caller added."""
     if context.shape[-1] != self.cfg.text_dim:
       raise ValueError(
         f"context has width {context.shape[-1]} but model.text_dim={self.cfg.text_dim} "
         f"(context shape {context.shape}, expected [B, L, {self.cfg.text_dim}])"
       )
+    n, lt = context.shape[-2], self.cfg.text_len
+    if n > lt:
+      raise ValueError(f"context has {n} tokens (shape {context.shape}); model.text_len={lt} is the most")
+    if n < lt:  # Wan pads every prompt with zero rows to text_len; they are attended (bias != 0)
+      context = jnp.pad(context, [(0, 0)] * (context.ndim - 2) + [(0, lt - n), (0, 0)])
     h = self.text_embedding_1(context, jnp.float32)
     return self.text_embedding_2(jax.nn.gelu(h, approximate=True))
 

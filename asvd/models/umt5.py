@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +45,6 @@ __all__ = [
   "UMT5Config",
   "UMT5Encoder",
   "init_text_encoder",
-  "load_text_encoder",
   "relative_position_buckets",
 ]
 
@@ -442,33 +440,3 @@ def init_text_encoder(
     The encoder.
   """
   return UMT5Encoder(cfg, rngs=nnx.Rngs(params=key), dtype=dtype)
-
-
-def load_text_encoder(
-  path: str | os.PathLike, *, dtype: Any = jnp.float32, config: UMT5Config | None = None
-) -> UMT5Encoder:
-  """Loads umT5 encoder weights from a local checkpoint.
-
-  Accepted layouts:
-    * a transformers folder (`config.json` with `model_type: umt5` + `model*.safetensors`, sharded
-      or not), e.g. `save_pretrained` of a `UMT5EncoderModel`, or a diffusers Wan folder whose
-      `text_encoder/` subfolder is one;
-    * Wan's original `models_t5_umt5-xxl-enc-bf16.pth`, or a folder containing it (a Wan2.1
-      checkpoint folder such as `Wan2.1-T2V-1.3B/`). Reading .pth needs torch.
-
-  Args:
-    path: the file or folder.
-    dtype: dtype of the returned parameters and computation (bf16 halves memory: ~11 GB for XXL).
-    config: architecture override. Default: `config.json` for transformers folders, umT5-XXL for
-      the original .pth.
-
-  Returns:
-    The encoder with the checkpoint's weights.
-
-  Raises:
-    CheckpointError: the files are missing or do not match the model; the message names the file
-      and every missing, unexpected or mis-shaped key.
-  """
-  from asvd.ckpt import umt5_port
-
-  return umt5_port.load_umt5(path, dtype=dtype, config=config)

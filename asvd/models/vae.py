@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -818,29 +817,6 @@ def init_vae(config: Any = None, key: Array | int = 0, *, dtype: Any = jnp.float
 
   nnx.replace_by_pure_dict(state, make(key))
   return nnx.merge(graphdef, state)
-
-
-def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32, config: Any = None) -> WanVAE:
-  """Loads Wan2.1 VAE weights.
-
-  Args:
-    path: a diffusers `AutoencoderKLWan` folder (config.json + diffusion_pytorch_model*.safetensors,
-      sharded or not), a diffusers pipeline folder with a `vae/` subfolder, the original
-      `Wan2.1_VAE.pth` (or a folder holding it), or a single .pth / .safetensors file in either
-      naming.
-    dtype: parameter / compute dtype.
-    config: overrides the config (default: the folder's config.json, else the published Wan2.1
-      layout).
-
-  Returns:
-    The model.
-
-  Raises:
-    CheckpointError: the file is missing or does not match the model (every bad key listed).
-  """
-  from asvd.ckpt import vae_port  # noqa: PLC0415  (vae_port imports this module)
-
-  return vae_port.load(path, dtype=dtype, config=config)
 
 
 def count_params(model: nnx.Module) -> int:

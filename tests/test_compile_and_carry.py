@@ -1,0 +1,117 @@
+"""Compile once across calls; the caller's carry is never donated away."""
+
+import collections
+import contextlib
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax import monitoring
+
+import asvd
+from asvd import transition as tr
+
+_COMPILES = collections.Counter()
+_NAMES = ("rollout_segment", "transition_chunk", "transition_step", "prompt_kv")
+
+
+def _listener(event, duration, fun_name=None, **kw):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES[fun_name] += 1
+
+
+monitoring.register_event_duration_secs_listener(_listener)
+
+
+@contextlib.contextmanager
+def compiles():
+  """Counts XLA compilations of asvd's programs (by function name) inside the block."""
+  before = _COMPILES.copy()
+  got = collections.Counter()
+  yield got
+  for k, v in _COMPILES.items():
+    if any(n in k for n in _NAMES) and v - before[k]:
+      got[k.removeprefix("jit(").removesuffix(")")] = v - before[k]
+
+
+@pytest.fixture(scope="module")
+def ctx():
+  return np.random.default_rng(0).standard_normal((1, 16, 32)).astype(np.float32)
+
+
+def cold(cfg, **kw):
+  """A rollout config with a latent size no other test uses, so the program cache is cold."""
+  rc = cfg.rollout.copy_and_resolve_references()
+  rc.update(latent_hw=(8, 14), **kw)
+  return rc
+
+
+def test_rollout_and_stream_compile_once_across_calls(cfg, ctx):
+  model = asvd.init_dit(cfg.model, 11)
+  rc = cold(cfg)
+  with compiles() as n:
+    jax.block_until_ready(asvd.rollout(model, ctx, 0, num_chunks=3, config=rc))
+    jax.block_until_ready(asvd.rollout(model, ctx, 1, num_chunks=5, config=rc))  # another length, seed
+  assert n == {"rollout_segment": 1, "prompt_kv": 1}, n
+  with compiles() as n:
+    for _ in range(2):
+      for lat in asvd.stream(model, ctx, 0, num_chunks=3, config=rc):
+        jax.block_until_ready(lat)
+  assert n == {"transition_chunk": 1}, n
+  reloaded = asvd.init_dit(cfg.model, 12)  # same graph, other weights: same programs
+  with compiles() as n:
+    jax.block_until_ready(asvd.rollout(reloaded, ctx, 0, num_chunks=2, config=rc))
+  assert n == {}, n
+
+
+def test_make_transition_compiles_once_across_calls(cfg, ctx):
+  model = asvd.init_dit(cfg.model, 13)
+  rc = cold(cfg, anchor="sink")
+  with compiles() as n:
+    for _ in range(2):
+      state, cache, step = asvd.make_transition(model, ctx, config=rc)
+      noise = np.zeros(tr.noise_shape(step.layout, 1, 16), np.float32)
+      for _ in range(3):
+        state, cache, frames = step(state, cache, noise)
+      jax.block_until_ready(frames)
+  assert n == {"transition_step": 1}, n  # prompt_kv for this shape was compiled by the test above
+
+
+def test_orbax_checkpoint_compiles_once(cfg, ctx, tmp_path):
+  asvd.save_dit(asvd.init_dit(cfg.model, 14), tmp_path / "ck")
+  model = asvd.load_dit(tmp_path / "ck")
+  with compiles() as n:
+    for lat in asvd.stream(model, ctx, 0, num_chunks=3, config=cold(cfg, anchor="none")):
+      jax.block_until_ready(lat)
+  assert n["transition_chunk"] == 1, n  # committed params and carry: one placement, one program
+
+
+def test_persistent_compilation_cache_flag(tmp_path):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  cache = tmp_path / "xla_cache"
+  args = [sys.executable, "-m", "asvd.main", "generate", "--config", "configs/tiny.py", "--init", "random", "--chunks", "1", f"--config.runtime.compilation_cache_dir={cache}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  p = subprocess.run([*args, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert cache.is_dir() and any(cache.iterdir())  # compiled programs were written there
+
+
+def test_two_continuations_from_one_carry(cfg, model, ctx):
+  rc = cfg.rollout
+  given = jax.random.normal(jax.random.key(5), (1, 4, 8, 8, 16))
+  carry = asvd.prefill(model, ctx, given, config=rc)
+  a, carry_a = asvd.rollout(model, ctx, 3, num_chunks=2, config=rc, carry=carry)
+  b, carry_b = asvd.rollout(model, ctx, 3, num_chunks=2, config=rc, carry=carry)  # the same carry again
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex_equal = jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), carry_a, carry_b)
+  assert all(jax.tree.leaves(chex_equal))
+  s = list(asvd.stream(model, ctx, 3, num_chunks=2, config=rc, carry=carry))
+  np.testing.assert_array_equal(np.concatenate([np.asarray(x) for x in s], axis=1), np.asarray(a))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(carry))  # still the caller's
+  # A rollout's own returned carry can be continued twice as well.
+  c1, _ = asvd.rollout(model, ctx, 4, num_chunks=1, config=rc, carry=carry_a)
+  c2, _ = asvd.rollout(model, ctx, 4, num_chunks=1, config=rc, carry=carry_a)
+  np.testing.assert_array_equal(np.asarray(c1), np.asarray(c2))
