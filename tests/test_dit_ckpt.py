@@ -125,14 +125,19 @@ def test_original_wan_folder(reference, tmp_path):
 def test_self_forcing_pt(reference, tmp_path):
   tr, _ = reference
   wan = dit_to_wan_names(tr.state_dict())
-  gen = {f"model.{k}": v for k, v in wan.items()}
+  torch.manual_seed(5)  # the live generator differs from its EMA, as in any real checkpoint
+  raw = {k: v + 0.05 * torch.randn_like(v) for k, v in wan.items()}
+  gen = {f"model.{k}": v for k, v in raw.items()}
   # EMA weights as FSDP saves them: wrapper fragments inside the key names.
   ema = {f"model._fsdp_wrapped_module.{k}": v.clone() for k, v in wan.items()}
   path = tmp_path / "self_forcing_dmd.pt"
   torch.save({"generator": gen, "generator_ema": ema, "critic": {"x": torch.zeros(1)}}, path)
   (tmp_path / "config.json").write_text(json.dumps(wan_config_json(TINY)))
-  assert_parity(asvd.load_dit(path), tr)
-  assert_parity(asvd.load_dit(path, variant="generator"), tr)
+  assert_parity(asvd.load_dit(path), tr)  # generator_ema by default
+  live = dit_port.export_state_dict(asvd.load_dit(path, variant="generator"), "wan")
+  assert set(live) == set(raw)
+  for k, v in raw.items():
+    np.testing.assert_array_equal(live[k], v.numpy(), err_msg=k)
 
 
 def test_self_forcing_pt_without_config_infers_shapes(reference, tmp_path):
@@ -219,3 +224,20 @@ def test_bad_paths(tmp_path):
   torch.save({"critic": {}}, tmp_path / "x.pt")
   with pytest.raises(asvd.CheckpointError, match="generator"):
     asvd.load_dit(tmp_path / "x.pt")
+
+
+def test_dit_tolerance_catches_an_exact_gelu(reference, monkeypatch):
+  """The parity bound is tight enough for a subtle bug: Wan's FFN uses tanh-approximate GELU;
+  the exact GELU measures several times `tolerances.DIT`, the correct code far below it."""
+  import jax  # noqa: PLC0415
+
+  tr, folder = reference
+  model = asvd.load_dit(folder)
+  x, t, ctx = inputs()
+  ref = run_reference(tr, x, t, ctx)
+  good = tolerances.rel_err(model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)), ref)
+  exact = jax.nn.gelu
+  monkeypatch.setattr(jax.nn, "gelu", lambda h, approximate=True: exact(h, approximate=False))
+  bad = tolerances.rel_err(model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)), ref)
+  assert good <= tolerances.DIT / 5, good
+  assert bad > tolerances.DIT, bad

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tolerances
 from flax import nnx
 from torch_refs import t5_to_wan_names
 
@@ -70,7 +71,7 @@ def _batch(vocab, lengths, seq_len, seed=0):
   return ids_bl, mask_bl
 
 
-def _assert_close(out, ref, rel=1e-4):
+def _assert_close(out, ref, rel=tolerances.TEXT):
   err = float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
   scale = float(np.max(np.abs(ref)))
   assert err <= rel * scale, f"max abs err {err:.3g} > {rel} * output scale {scale:.3g}"

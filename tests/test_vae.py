@@ -9,15 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tolerances
 from flax import nnx
 
 from asvd.ckpt import vae_port
 from asvd.ckpt.common import CheckpointError, flat_abstract
 from asvd.ckpt.vae_port import load_vae
 from asvd.models import vae as vae_lib
-
-# Max abs error allowed, relative to the largest magnitude of the reference output.
-REL_TOL = 1e-4
 
 _rs = np.random.RandomState(0)
 # Two tiny layouts: one spatial+temporal stage, and the full Wan2.1 stage structure (three
@@ -50,7 +48,7 @@ PIXEL_SHAPES = {"one_stage": (1, 9, 16, 24, 3), "wan21_layout": (1, 17, 16, 24, 
 LATENT_SHAPES = {"one_stage": (1, 5, 8, 12, 4), "wan21_layout": (1, 5, 2, 3, 4)}
 
 
-def assert_close(actual, expected, what: str, rel: float = REL_TOL):
+def assert_close(actual, expected, what: str, rel: float = tolerances.VAE):
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
   err = np.max(np.abs(actual - expected))
@@ -141,7 +139,7 @@ def test_parity_with_diffusers(reference):
 
   # Streaming: any chunking gives the pixels of the whole decode.
   for n in (1, 3):
-    assert_close(stream(vae, z, chunks_of(z.shape[1], n)), px, f"{name} stream chunks of {n}", 1e-5)
+    assert_close(stream(vae, z, chunks_of(z.shape[1], n)), px, f"{name} stream chunks of {n}")
 
 
 def test_original_pth_layout(reference, tmp_path):
@@ -157,7 +155,10 @@ def test_original_pth_layout(reference, tmp_path):
   torch.save(original, path)
 
   from_folder = load_vae(folder)
-  for src in (path, tmp_path):  # the file, or a folder holding it
+  # A Wan2.1 checkpoint folder: the VAE .pth beside the DiT's own config.json (as documented:
+  # `asvd.load_vae("Wan2.1-T2V-1.3B")`).
+  (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", "dim": 1536, "num_heads": 12}))
+  for src in (path, tmp_path):  # the file, or a Wan folder holding it
     from_pth = load_vae(src, config=cfg)
     a, b = nnx.to_pure_dict(nnx.state(from_folder)), nnx.to_pure_dict(nnx.state(from_pth))
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -280,7 +281,7 @@ def test_streaming_decode_random_init_and_under_jit():
 
   px0, px = rollout(state, z[:, :1], jnp.stack([z[:, 1:3], z[:, 3:5]]))
   px = np.concatenate([np.asarray(px0)] + [np.asarray(p) for p in px], axis=1)
-  assert_close(px, whole, "scan under jit", 1e-5)
+  assert_close(px, whole, "scan under jit")
 
   # The cache carries real history: a later frame decoded without it comes out different.
   fresh = vae.init_decode_cache(2, 4, 6)
@@ -319,3 +320,25 @@ def test_config_and_input_errors(tmp_path):
   )
   with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors"):
     load_vae(tmp_path)
+
+
+def test_original_key_table_agrees_with_diffusers_converter():
+  """asvd's diffusers -> original key table, checked value by value against diffusers' own
+  single-file converter (original -> diffusers): every tensor comes back under its own key, so
+  a consistent swap (say conv1 <-> conv2 in both directions) cannot pass."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # noqa: PLC0415
+
+  cfg = CONFIGS["wan21_layout"]
+  torch.manual_seed(1)
+  sd = diffusers.AutoencoderKLWan(**cfg).state_dict()
+  sd = {k: torch.randn_like(v) for k, v in sd.items()}  # distinct values in every tensor
+  original = {vae_port.diffusers_to_original_key(k, cfg): v for k, v in sd.items()}
+  assert len(original) == len(sd)
+  back = convert_wan_vae_to_diffusers(original)
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    assert torch.equal(back[k], v), k
+  for k in sd:  # and the inverse table used when reading Wan2.1_VAE.pth
+    assert vae_port.original_to_diffusers_key(vae_port.diffusers_to_original_key(k, cfg), cfg) == k
