@@ -236,35 +236,56 @@ def stream(
   num_chunks: int | None = None,
   carry=None,
   start_chunk: int = 0,
-) -> Iterator[jax.Array]:
+) -> Stream:
   """Yields each chunk's latents `[B, F, H, W, C]` for as long as the caller iterates.
 
   Same key -> the same latents as `rollout`. `prompts` switches prompts as in `rollout`;
   `num_chunks` optionally stops the generator; `carry`/`start_chunk` resume (or start from a
-  `prefill`ed cache).
+  `prefill`ed cache). Every check (config, context, the absolute preset's length) runs here,
+  before the first chunk. The returned iterator's `.carry` is the `(state, cache)` after the
+  chunks drawn so far (a copy of your own), and `.next_chunk` the index of the next one, so a
+  stream can be resumed with `stream(..., carry=s.carry, start_chunk=s.next_chunk)`.
   """
   context = _check_context(model, context)
   prog, params, init = _program(model, context, config, sampler_config, latent_hw, 1)
   _check_absolute(prog.lay, start_chunk, num_chunks)
   switches = _switch_schedule(model, prompts)
   carry = init if carry is None else _own(carry)
-  return _stream(prog, params, carry, switches, _key(key), start_chunk, num_chunks)
+  return Stream(prog, params, carry, switches, _key(key), start_chunk, num_chunks)
 
 
-def _stream(prog, params, carry, switches, key, start_chunk, num_chunks):
-  c = start_chunk
-  while num_chunks is None or c < start_chunk + num_chunks:
-    _check_absolute(prog.lay, c, 1)  # an endless stream of the absolute preset stops here
-    if c in switches:
-      carry = prog.switch(params, carry, switches[c])
-    carry, ys = prog.one(params, carry, key, jnp.int32(c))
-    yield ys[0]
-    c += 1
+class Stream(Iterator[jax.Array]):
+  """The iterator `stream` returns: one transition per `next()`."""
+
+  def __init__(self, prog, params, carry, switches, key, start_chunk, num_chunks):
+    self._prog, self._params, self._carry = prog, params, carry
+    self._switches, self._key = switches, key
+    self.next_chunk = start_chunk
+    self._end = None if num_chunks is None else start_chunk + num_chunks
+
+  @property
+  def carry(self):
+    """`(state, cache)` after the chunks drawn so far; a copy, so it stays valid."""
+    return _own(self._carry)
+
+  def __next__(self) -> jax.Array:
+    c = self.next_chunk
+    if self._end is not None and c >= self._end:
+      raise StopIteration
+    _check_absolute(self._prog.lay, c, 1)  # an endless stream of the absolute preset stops here
+    if c in self._switches:
+      self._carry = self._prog.switch(self._params, self._carry, self._switches[c])
+    self._carry, ys = self._prog.one(self._params, self._carry, self._key, jnp.int32(c))
+    self.next_chunk = c + 1
+    return ys[0]
 
 
 @functools.lru_cache(maxsize=16)
 def _prefill_write(graphdef, lay: tr.Layout):
-  return jax.jit(lambda p, c, x0, noise: tr.write_cache(nnx.merge(graphdef, p), lay, c, x0, noise))
+  def prefill_write(params, cache, x0, noise):
+    return tr.write_cache(nnx.merge(graphdef, params), lay, cache, x0, noise)
+
+  return jax.jit(prefill_write)
 
 
 def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, carry=None, key=None):
@@ -318,6 +339,6 @@ def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, car
   return state, cache
 
 
-__all__ = ["rollout", "stream", "prefill", "chunk_noise"]
+__all__ = ["rollout", "stream", "Stream", "prefill", "chunk_noise"]
 
 

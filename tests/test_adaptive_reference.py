@@ -167,7 +167,7 @@ class Reference:
     return out.numpy().transpose(0, 2, 3, 4, 1).astype(np.float64)
 
   def chunk(self, noise):
-    fs, f, wp = self.fs, self.f, self.wp
+    f = self.f
     z = noise[0].astype(np.float64)
     for i, t in enumerate(self.ts):
       x0 = z - self.sig[i] * self.flow(z, t)
@@ -178,7 +178,7 @@ class Reference:
     return x0[:, -f:]
 
   def write(self, x0):
-    fs, f, wp, t = self.fs, self.f, self.wp, TOKENS
+    fs, f, t = self.fs, self.f, TOKENS
     b = x0.shape[0]
     anchor_valid = self.valid[:, :fs].clone()
     new_valid = torch.ones(b, f, dtype=torch.bool)
