@@ -112,6 +112,10 @@ class _CachedSelfAttention(WanAttnProcessor):
     out = torch.nn.functional.scaled_dot_product_attention(
       q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :]
     )
+    if self.state.probe:  # share of softmax mass per key frame, mean over heads and queries
+      logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+      p = torch.softmax(logits.masked_fill(~mask[:, None, None, :], -torch.inf), dim=-1)
+      self.state.shares[self.layer] = p.unflatten(-1, (-1, TOKENS)).sum(-1).mean(dim=(1, 2))
     out = out.transpose(1, 2).flatten(2).type_as(q)
     return attn.to_out[1](attn.to_out[0](out))
 
@@ -126,6 +130,7 @@ class Reference:
     self.rope = _ExplicitRope(model.rope)
     model.rope = self.rope
     self.recorded, self.slots = {}, None
+    self.probe, self.shares, self.last_shares = False, {}, []
     self.layers = len(model.blocks)
     for i, blk in enumerate(model.blocks):
       blk.attn1.set_processor(_CachedSelfAttention(i, self))
@@ -170,9 +175,12 @@ class Reference:
     f = self.f
     z = noise[0].astype(np.float64)
     for i, t in enumerate(self.ts):
+      self.probe = i == len(self.ts) - 1  # asvd's probe measures the last denoising step
       x0 = z - self.sig[i] * self.flow(z, t)
+      self.probe = False
       if i + 1 < len(self.ts):
         z = (1.0 - self.sig[i + 1]) * x0 + self.sig[i + 1] * noise[i + 1]
+    self.last_shares.append(np.stack([self.shares[i].numpy() for i in range(self.layers)]))  # [L, B, N+Fz]
     self.flow(x0, 0.0)  # the clean re-run: its K/V are recorded
     self.write(x0)
     return x0[:, -f:]
@@ -263,3 +271,7 @@ def test_rollout_matches_independent_reference(folder, name):
       exp = exp.numpy().reshape(np.asarray(got).shape)
       live = np.repeat(ref.valid.numpy(), TOKENS, axis=1)  # invalid slots hold anything
       assert tolerances.rel_err(np.asarray(got)[live], exp[live]) <= tolerances.DIT, (name, layer)
+  # The attention probe: the share of attention mass on every slot and own frame, per layer.
+  rc.probe = True
+  *_, share = asvd.rollout(model, ctx, key, num_chunks=CHUNKS, config=rc)
+  np.testing.assert_allclose(np.asarray(share), np.stack(ref.last_shares), atol=1e-5)
