@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from asvd import kv_cache, sampler
 from asvd.errors import UsageError
@@ -185,33 +186,85 @@ def _positions(lay: Layout, cache: Cache):
   return jnp.asarray(lay.slot_positions()), jnp.asarray(lay.z_positions())
 
 
-def denoise(model: WanDiT, lay: Layout, cache: Cache, noise: jax.Array, probe: bool = False):
-  """Steps 1-2: few-step sampling of `z` against the cache. Returns `(x0 [B, Fz, ...], share)`."""
+def frozen(model: WanDiT) -> WanDiT:
+  """The same model with every parameter behind `stop_gradient` (forward unchanged)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.lax.stop_gradient(state))
+
+
+def denoise(
+  model: WanDiT,
+  lay: Layout,
+  cache: Cache,
+  noise: jax.Array,
+  probe: bool = False,
+  *,
+  exit_step: jax.Array | int | None = None,
+  text=None,
+):
+  """Steps 1-2: few-step sampling of `z` against the cache. Returns `(x0 [B, Fz, ...], share)`.
+
+  Args:
+    model, lay, cache, noise: as in `transition_fn`.
+    probe: also return the attention share of the last denoising step.
+    exit_step: None for inference. For training (Self-Forcing's stochastic gradient
+      truncation), an int32 in `[0, steps)`, possibly traced (one compile serves every value):
+      the steps before it run on stop-gradient parameters (a scan whose steps past the exit are
+      skipped by `lax.cond`, so no compute is wasted), then one live forward at `exit_step`
+      returns `x0` with gradient. At `exit_step = steps - 1` the result equals inference.
+    text: the prompt's cross-attention K/V for the live forward (training computes them from
+      the live parameters so that the text path gets gradient); default `cache.text`.
+  """
   slot_pos, z_pos = _positions(lay, cache)
-  slots = cache.slots(slot_pos)
   b, fz = noise.shape[1], noise.shape[2]
   steps = len(lay.timesteps)
   ts = jnp.asarray(lay.timesteps, jnp.float32)
   sig = jnp.asarray(lay.sigmas, jnp.float32)
 
-  def predict(z, t, want_probe):
+  def predict(m, c, z, t, want_probe, txt):
     t_bf = jnp.full((b, fz), t, jnp.float32)
-    out = model(z, t_bf, cache.text, positions=z_pos, slots=slots, probe=want_probe)
+    out = m(z, t_bf, txt, positions=z_pos, slots=c.slots(slot_pos), probe=want_probe)
     return out if want_probe else (out, None)
 
-  def step(z, xs):
-    t, s, s_next, eps = xs
-    v, _ = predict(z, t, False)
-    x0 = z - s * v
-    return (1.0 - s_next) * x0 + s_next * eps, x0
+  if exit_step is None:
 
-  # All but the last step in a scan (one traced model call); the last one may probe.
+    def step(z, xs):
+      t, s, s_next, eps = xs
+      v, _ = predict(model, cache, z, t, False, cache.text)
+      x0 = z - s * v
+      return (1.0 - s_next) * x0 + s_next * eps, x0
+
+    # All but the last step in a scan (one traced model call); the last one may probe.
+    z = noise[0].astype(jnp.float32)
+    if steps > 1:
+      # step i re-noises to sigma_{i+1} with noise[i+1]
+      z, _ = jax.lax.scan(step, z, (ts[:-1], sig[:-1], sig[1:], noise[1:steps]))
+    v, aux = predict(model, cache, z, ts[-1], probe, cache.text)
+    x0 = z - sig[-1] * v
+    return x0, (aux["share"] if probe else None)
+
+  # Training: everything before the exit forward carries no gradient.
+  exit_step = jnp.asarray(exit_step, jnp.int32)
+  fixed, cache_sg = frozen(model), jax.lax.stop_gradient(cache)
+  noise = jax.lax.stop_gradient(noise)
+
+  def pre_step(z, xs):
+    i, t, s, s_next, eps = xs
+
+    def run(z):
+      v, _ = predict(fixed, cache_sg, z, t, False, cache_sg.text)
+      return (1.0 - s_next) * (z - s * v) + s_next * eps
+
+    return jax.lax.cond(i < exit_step, run, lambda z: z, z), None
+
   z = noise[0].astype(jnp.float32)
   if steps > 1:
-    # step i re-noises to sigma_{i+1} with noise[i+1]
-    z, _ = jax.lax.scan(step, z, (ts[:-1], sig[:-1], sig[1:], noise[1:steps]))
-  v, aux = predict(z, ts[-1], probe)
-  x0 = z - sig[-1] * v
+    z, _ = jax.lax.scan(pre_step, z, (jnp.arange(steps - 1), ts[:-1], sig[:-1], sig[1:], noise[1:steps]))
+  # Per-chunk remat saves this (the live forward's input) and recomputes only that forward.
+  z = checkpoint_name(jax.lax.stop_gradient(z), "exit_input")
+  live_text = cache_sg.text if text is None else text
+  v, aux = predict(model, cache_sg, z, ts[exit_step], probe, live_text)
+  x0 = z - sig[exit_step] * v
   return x0, (aux["share"] if probe else None)
 
 
@@ -224,7 +277,7 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
   if lay.context_noise:  # noised to the context level with the chunk's own fresh noise slot
     x_in = (1.0 - lay.context_sigma) * x0 + lay.context_sigma * noise[-1]
   t_bf = jnp.full((b, fz), lay.context_timestep, jnp.float32)
-  _, aux = model(x_in, t_bf, cache.text, positions=z_pos, slots=cache.slots(slot_pos), return_kv=True)
+  _, aux = frozen(model)(x_in, t_bf, cache.text, positions=z_pos, slots=cache.slots(slot_pos), return_kv=True)
   k_new = kv_cache.frames_of(jax.lax.stop_gradient(aux["k"]).astype(cache.k.dtype), lay.tokens)
   v_new = kv_cache.frames_of(jax.lax.stop_gradient(aux["v"]).astype(cache.v.dtype), lay.tokens)
   k_old, v_old = kv_cache.frames_of(cache.k, lay.tokens), kv_cache.frames_of(cache.v, lay.tokens)
@@ -325,9 +378,13 @@ def recache(model: WanDiT, lay: Layout, cache: Cache, text) -> Cache:
   return cache.replace(k=kv_cache.tokens_of(k), v=kv_cache.tokens_of(v))
 
 
-def transition_fn(model: WanDiT, lay: Layout, state, cache: Cache, noise, probe: bool = False):
-  """One chunk. Returns `(state, cache, frames)` (plus the attention share when probing)."""
-  x0, share = denoise(model, lay, cache, noise, probe)
+def transition_fn(model: WanDiT, lay: Layout, state, cache: Cache, noise, probe: bool = False, *, exit_step=None, text=None):
+  """One chunk. Returns `(state, cache, frames)` (plus the attention share when probing).
+
+  `exit_step` and `text` select the training form of `denoise` (one live forward with
+  gradient); the cache write never carries gradient.
+  """
+  x0, share = denoise(model, lay, cache, noise, probe, exit_step=exit_step, text=text)
   new_cache = write_cache(model, lay, cache, x0, noise)
   if lay.anchor == "adaptive":
     state, frames = x0[:, : lay.state_frames], x0[:, lay.state_frames :]

@@ -1,0 +1,1 @@
+"""Training: rollouts through the inference transition (and, next, the DMD/teacher stages)."""
