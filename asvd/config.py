@@ -80,7 +80,41 @@ def base_config() -> ml_collections.ConfigDict:
       scan_chunks=8,  # chunks per compiled rollout segment
     )
   )
-  c.train = ml_collections.ConfigDict(dict(horizon_frames=21, horizon_alpha=2.0))
+  # Training (`asvd train`, asvd/train/): the stages and their knobs (method.md "Training").
+  c.train = ml_collections.ConfigDict(
+    dict(
+      horizon_frames=21,  # H: latent frames the teacher scores at once
+      horizon_alpha=2.0,  # alpha: window ending at e weighs (e / H) ** alpha, mean 1
+      state_init_target="last_frame",  # causal init: the state's target
+      state_dmd=True,  # DMD windows start with the state in place of their first frame
+      stages=("teacher", "causal_init", "dmd"),
+      batch_size=1,
+      seed=0,
+      checkpoint_every=100,  # steps between (asynchronous) checkpoints
+      keep=3,  # checkpoints kept per stage
+      log_every=1,  # steps between metrics.jsonl lines
+      optimizer=dict(b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0, grad_accum=1),
+      data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0),
+      teacher=dict(steps=1000, lr=1e-4, init=""),
+      causal_init=dict(steps=1000, lr=1e-5, init="", first_chunk_prob=0.25),
+      dmd=dict(
+        steps=600,
+        init="",
+        generator_lr=2e-6,
+        critic_lr=4e-7,
+        critic_per_generator=5,  # critic updates per generator update
+        cfg_scale=3.0,  # teacher only; Self-Forcing's form cond + s (cond - uncond)
+        ema_decay=0.99,
+        ema_start=200,
+        rollout_chunks=7,  # chunks per generator rollout (may exceed the horizon)
+        grad_from_chunk=0,  # chunks before this carry no gradient
+        last_step_only=False,  # exit at the last denoising step instead of a random one
+        min_sigma=0.02,
+        max_sigma=0.98,
+        teacher_dtype="float32",  # "bfloat16" keeps the frozen teacher in bf16
+      ),
+    )
+  )
   # Text-to-video pipeline (asvd.pipeline): None = the published Wan2.1 VAE / umT5-XXL; a dict
   # of constructor arguments selects another architecture (used by tiny end-to-end tests).
   c.pipeline = ml_collections.ConfigDict(dict(vae=None, text_encoder=None, fps=16))

@@ -5,6 +5,7 @@
     asvd decode out/latents.npy --vae Wan2.1-T2V-1.3B --out out/      (or --preview, no VAE)
     asvd convert SRC DST [--dtype bf16] [--overwrite]
     asvd eval attention --config configs/tiny.py --init random --chunks 6 --out out/
+    asvd train --config configs/tiny.py --workdir runs/tiny     (rerun the same command to resume)
 
 Config overrides: `--config.rollout.anchor=sink` (any key of the config file).
 Errors are one line naming the flag, key, file or value at fault (exit status 2); `--debug`
@@ -46,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--overwrite", action="store_true", help="replace DST if it is an asvd checkpoint (never anything else)")
   c.set_defaults(func=_cmd_convert)
 
-  from asvd import cli_generate  # noqa: PLC0415
+  from asvd import cli_generate, cli_train  # noqa: PLC0415
 
   cli_generate.add_commands(sub)
+  cli_train.add_commands(sub)
   return p
 
 
@@ -74,5 +76,19 @@ def run(argv=None) -> int:
   return 0
 
 
+def main() -> None:
+  """Console entry point. After an error the process ends at once (`os._exit`) once output is
+  flushed: background threads of libraries (Orbax/tensorstore after a failed restore) would
+  otherwise print tracebacks while the interpreter shuts down, burying the one-line error."""
+  import os  # noqa: PLC0415
+
+  code = run()
+  if code:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
 if __name__ == "__main__":
-  sys.exit(run())
+  main()

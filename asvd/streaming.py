@@ -282,8 +282,8 @@ class Stream(Iterator[jax.Array]):
 
 @functools.lru_cache(maxsize=16)
 def _prefill_write(graphdef, lay: tr.Layout):
-  def prefill_write(params, cache, x0, noise):
-    return tr.write_cache(nnx.merge(graphdef, params), lay, cache, x0, noise)
+  def prefill_write(params, state, cache, x, noise):
+    return tr.write_given(nnx.merge(graphdef, params), lay, state, cache, x, noise)
 
   return jax.jit(prefill_write)
 
@@ -330,11 +330,8 @@ def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, car
   while start < n:
     g = min(f, n - start)
     x = latents[:, start : start + g]
-    if lay.anchor == "adaptive":
-      state = x[:, -lay.state_frames :] if g >= lay.state_frames else jnp.concatenate([state[:, g:], x], axis=1)
-      x = jnp.concatenate([state, x], axis=1)
-    noise = jax.random.normal(jax.random.fold_in(key, start), (1, *x.shape), jnp.float32)
-    cache = write(g)(params, cache, x, noise)
+    noise = jax.random.normal(jax.random.fold_in(key, start), (1, x.shape[0], lay.state_frames * (lay.anchor == "adaptive") + g, *x.shape[2:]), jnp.float32)
+    state, cache = write(g)(params, state, cache, x, noise)
     start += g
   return state, cache
 

@@ -186,6 +186,17 @@ def _positions(lay: Layout, cache: Cache):
   return jnp.asarray(lay.slot_positions()), jnp.asarray(lay.z_positions())
 
 
+def flow(model: WanDiT, lay: Layout, cache: Cache, z, t_bf, text=None, probe: bool = False):
+  """The model's flow prediction for the jointly denoised frames `z [B, Fz, H, W, C]` at
+  timesteps `t_bf [B, Fz]`, attending to the valid cache slots with the layout's positions.
+
+  This is the one model call of the method; sampling and teacher-forced training both use it.
+  """
+  slot_pos, z_pos = _positions(lay, cache)
+  txt = cache.text if text is None else text
+  return model(z, t_bf, txt, positions=z_pos, slots=cache.slots(slot_pos), probe=probe)
+
+
 def frozen(model: WanDiT) -> WanDiT:
   """The same model with every parameter behind `stop_gradient` (forward unchanged)."""
   graphdef, state = nnx.split(model)
@@ -215,15 +226,13 @@ def denoise(
     text: the prompt's cross-attention K/V for the live forward (training computes them from
       the live parameters so that the text path gets gradient); default `cache.text`.
   """
-  slot_pos, z_pos = _positions(lay, cache)
   b, fz = noise.shape[1], noise.shape[2]
   steps = len(lay.timesteps)
   ts = jnp.asarray(lay.timesteps, jnp.float32)
   sig = jnp.asarray(lay.sigmas, jnp.float32)
 
   def predict(m, c, z, t, want_probe, txt):
-    t_bf = jnp.full((b, fz), t, jnp.float32)
-    out = m(z, t_bf, txt, positions=z_pos, slots=c.slots(slot_pos), probe=want_probe)
+    out = flow(m, lay, c, z, jnp.full((b, fz), t, jnp.float32), txt, probe=want_probe)
     return out if want_probe else (out, None)
 
   if exit_step is None:
@@ -344,6 +353,19 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
   )
 
 
+def write_given(model: WanDiT, lay: Layout, state, cache: Cache, x, noise):
+  """Writes given clean frames `x [B, g, H, W, C]` (g = `lay.chunk_frames`) into the cache as
+  if the transition had generated them: the clean re-run of step 4, with, in `adaptive` mode,
+  the last given frame as the state (`train.state_init_target = "last_frame"`). Used by
+  `asvd.prefill` (conditioning) and by teacher-forced training. Returns `(state, cache)`.
+  """
+  if lay.anchor == "adaptive":
+    fs, g = lay.state_frames, x.shape[1]
+    state = x[:, -fs:] if g >= fs else jnp.concatenate([state[:, g:], x], axis=1)
+    x = jnp.concatenate([state, x], axis=1)
+  return state, write_cache(model, lay, cache, x, noise)
+
+
 def recache(model: WanDiT, lay: Layout, cache: Cache, text) -> Cache:
   """Switches the prompt and re-encodes the window under it (LongLive-style recache).
 
@@ -411,14 +433,18 @@ def initial_carry(model: WanDiT, context, lay: Layout):
   The carry is placed (committed) on the device that holds the model's parameters, so the
   first transition call sees the same placement as every later one and compiles once.
   """
+  return jax.device_put(empty_carry(model, text_kv(model, context), lay), home_device(model))
+
+
+def empty_carry(model: WanDiT, text, lay: Layout):
+  """`(zero state, empty cache)` holding the given text K/V (pure: usable inside jit)."""
   cfg = model.cfg
-  text = text_kv(model, context)
   b = text.k.shape[1]
   state = jnp.zeros((b, lay.state_frames, *lay.latent_hw, cfg.out_channels), jnp.float32)
   cache = kv_cache.empty_cache(
     text, lay.num_slots, lay.tokens, jnp.dtype(cfg.dtype), (*lay.latent_hw, cfg.out_channels), ema=lay.anchor == "ema"
   )
-  return jax.device_put((state, cache), home_device(model))
+  return state, cache
 
 
 def home_device(model: WanDiT):

@@ -16,4 +16,12 @@ def get_config(arg=None):
   if arg == "bf16":
     c.model.update(dtype="bfloat16", param_dtype="bfloat16")
   c.rollout.latent_hw = (8, 8)
+  # `asvd train --config configs/tiny.py --workdir DIR`: teacher -> causal init -> DMD with the
+  # adaptive state on the synthetic panning dataset, in about 2 minutes on 2 CPU cores.
+  t = c.train
+  t.update(horizon_frames=6, batch_size=2, checkpoint_every=5, keep=2)
+  t.data.update(frames=9, clips=32)
+  t.teacher.update(steps=20, lr=1e-3)
+  t.causal_init.update(steps=20, lr=1e-3)
+  t.dmd.update(steps=10, generator_lr=1e-4, critic_lr=1e-4, rollout_chunks=3, ema_start=0)
   return c

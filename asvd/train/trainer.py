@@ -1,0 +1,372 @@
+"""`asvd train`: the stages in order, resumable at any moment, logged.
+
+    WORKDIR/config.json          the run's config (a resumed run must match it)
+    WORKDIR/metrics.jsonl        one JSON object per logged step: stage, step, loss, norms
+    WORKDIR/<stage>/checkpoints  Orbax CheckpointManager: train state, data-iterator state, config
+    WORKDIR/<stage>/model        the stage's final network as an asvd checkpoint (`asvd generate
+                                 --checkpoint`); for `dmd` the EMA generator (`generator/` holds
+                                 the raw one)
+
+Stages (`train.stages`): `teacher` (bidirectional flow matching), `causal_init` (teacher forcing
+with the [anchor; window; chunk] geometry, starting from the teacher), `dmd` (Self-Forcing DMD
+with the adaptive state: generator from `causal_init`, critic and frozen teacher from `teacher`).
+Each stage starts from, in this order: its own latest checkpoint in the workdir, the explicit
+`train.<stage>.init` checkpoint or the previous stage's `model`, or scratch.
+
+Saves are asynchronous, every `train.checkpoint_every` steps, at the end, and on SIGTERM (then
+the run stops; the same command resumes it). After a SIGKILL, the same command resumes from the
+last complete checkpoint and rewrites `metrics.jsonl` from there, so the file equals an
+uninterrupted run's line for line (no wall-clock values in it). A NaN or inf stops the run with
+the step and the parameter subtree where it appeared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from asvd import transition as tr
+from asvd.ckpt.common import CheckpointError
+from asvd.errors import UsageError
+from asvd.train import steps as st
+
+STAGES = ("teacher", "causal_init", "dmd")
+
+
+class NonFiniteError(UsageError):
+  """A loss or norm became NaN/inf; the message names the stage, step and subtree."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks before any work.
+# ------------------------------------------------------------------------------------------------
+
+
+def check_config(cfg) -> None:
+  t = cfg.train
+  bad = [s for s in t.stages if s not in STAGES]
+  if bad or not t.stages:
+    raise UsageError(f"train.stages={tuple(t.stages)}: choose from {STAGES}, in order")
+  if list(t.stages) != sorted(t.stages, key=STAGES.index):
+    raise UsageError(f"train.stages={tuple(t.stages)} must keep the order {STAGES}")
+  if t.state_init_target != "last_frame":
+    raise UsageError(f"train.state_init_target={t.state_init_target!r}: only 'last_frame' is implemented")
+  for s in t.stages:
+    if int(t[s].steps) < 1:
+      raise UsageError(f"train.{s}.steps={t[s].steps} must be >= 1")
+  for k in ("batch_size", "checkpoint_every", "keep", "log_every"):
+    if int(t[k]) < 1:
+      raise UsageError(f"train.{k}={t[k]} must be >= 1")
+  if int(t.optimizer.grad_accum) < 1:
+    raise UsageError(f"train.optimizer.grad_accum={t.optimizer.grad_accum} must be >= 1")
+  lay = layout(cfg)
+  frames = int(t.data.frames)
+  need = max(int(t.horizon_frames) if "teacher" in t.stages else 0, lay.window_frames + lay.chunk_frames)
+  if frames < need:
+    raise UsageError(f"train.data.frames={frames}: the stages need clips of at least {need} latent frames (horizon, and Wp + F)")
+  if "dmd" in t.stages and int(t.dmd.critic_per_generator) < 1:
+    raise UsageError(f"train.dmd.critic_per_generator={t.dmd.critic_per_generator} must be >= 1")
+
+
+def layout(cfg) -> tr.Layout:
+  from asvd.models.dit import DiTConfig  # noqa: PLC0415
+
+  return tr.make_layout(cfg.rollout, DiTConfig.from_config(cfg.model), None, cfg.sampler)
+
+
+def _check_workdir(workdir: str, cfg) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f"--workdir {workdir}: exists and is not a folder")
+  path = os.path.join(workdir, "config.json")
+  mine = json.loads(cfg.to_json())
+  if os.path.isfile(path):
+    with open(path) as f:
+      theirs = json.load(f)
+    diff = sorted(_diff(theirs, mine))
+    changed = [k for k in diff if not k.endswith(".steps")]  # more steps may be asked for on resume
+    if changed:
+      raise UsageError(f"--workdir {workdir} holds a run with another config ({', '.join(changed[:6])} differ); use a new --workdir")
+  os.makedirs(workdir, exist_ok=True)
+  from asvd.outputs import write_text_atomic  # noqa: PLC0415
+
+  write_text_atomic(path, json.dumps(mine, indent=2))
+
+
+def _diff(a, b, prefix=""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in set(a) | set(b):
+      yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+  elif a != b:
+    yield prefix.rstrip(".")
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics.
+# ------------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+  """`WORKDIR/metrics.jsonl`: appended line by line; truncated to a restore point on resume."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def rewind(self, stage: str, step: int) -> None:
+    """Keeps earlier stages' lines and this stage's lines up to `step` (drops torn lines)."""
+    if not os.path.exists(self.path):
+      return
+    keep = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          d = json.loads(line)
+        except ValueError:
+          continue
+        if d.get("stage") != stage or d.get("step", 0) <= step:
+          keep.append(json.dumps(d, sort_keys=True))
+    from asvd.outputs import write_text_atomic  # noqa: PLC0415
+
+    write_text_atomic(self.path, "".join(k + "\n" for k in keep))
+
+  def write(self, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _check_finite(stage: str, step: int, metrics: dict) -> None:
+  bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+  if bad:
+    loss_bad = [k for k in bad if "loss" in k]
+    grads = sorted(k.split("/", 1)[1] for k in bad if "grad_norm" in k)
+    where = f" (gradient first non-finite in: {', '.join(grads)})" if grads else ""
+    raise NonFiniteError(f"{stage} step {step}: non-finite {', '.join(loss_bad or bad[:4])}{where}; the run stops here, the last checkpoint is kept")
+
+
+# ------------------------------------------------------------------------------------------------
+# Models and states.
+# ------------------------------------------------------------------------------------------------
+
+
+def _split(model):
+  graphdef, params = nnx.split(model)
+  return graphdef, params
+
+
+def _stage_model(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "model")
+
+
+def _init_model(cfg, stage: str, workdir: str, which: str, seed: int):
+  """The network a stage starts from: explicit init > previous stage's model > scratch."""
+  import asvd  # noqa: PLC0415
+
+  explicit = cfg.train[stage].get("init", "")
+  source = {"teacher": None, "causal_init": "teacher", "dmd": {"generator": "causal_init", "critic": "teacher", "teacher": "teacher"}[which]}[stage]
+  if explicit and which == "generator":
+    path = explicit
+  elif source is not None and os.path.isdir(_stage_model(workdir, source)):
+    path = _stage_model(workdir, source)
+  elif explicit:
+    path = explicit
+  else:
+    path = None
+  if path is None:
+    if stage == "dmd" and which in ("teacher", "critic"):
+      raise UsageError(f"train stage dmd needs a teacher: run the teacher stage first, or set train.dmd.init / keep {_stage_model(workdir, 'teacher')}")
+    return asvd.init_dit(cfg.model, jax.random.key(seed)), "scratch"
+  compute = {k: cfg.model[k] for k in ("attention", "remat", "scan_layers")}
+  return asvd.load_dit(path, dtype=jnp.dtype(cfg.model.param_dtype), **compute), path
+
+
+def _optimizer(cfg, stage, which="generator"):
+  t = cfg.train
+  if stage == "dmd":
+    lr = t.dmd.generator_lr if which == "generator" else t.dmd.critic_lr
+  else:
+    lr = t[stage].lr
+  return st.optimizer(lr, t.optimizer)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+# ------------------------------------------------------------------------------------------------
+
+
+class _Stop:
+  """SIGTERM -> save and stop at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, *_):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def train(cfg, workdir: str, *, progress: bool = True) -> dict:
+  """Runs `cfg.train.stages` in `workdir`; returns `{stage: path of its final model}`."""
+  check_config(cfg)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  _check_workdir(workdir, cfg)
+  lay = layout(cfg)
+  log = MetricsLog(workdir)
+  out = {}
+  with _Stop() as stop:
+    for i, stage in enumerate(cfg.train.stages):
+      out[stage] = _run_stage(cfg, workdir, stage, i, lay, log, stop, progress)
+      if out[stage] is None:  # stopped by SIGTERM
+        return out
+  return out
+
+
+def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from asvd.ckpt import dit_port  # noqa: PLC0415
+  from asvd.data.pipeline import make_iterator  # noqa: PLC0415
+
+  t = cfg.train
+  total = int(t[stage].steps)
+  sdir = os.path.join(workdir, stage)
+  seed = int(t.seed) + 1000 * index
+  opts = ocp.CheckpointManagerOptions(max_to_keep=int(t.keep), save_interval_steps=int(t.checkpoint_every), create=True, enable_async_checkpointing=True)
+  mngr = ocp.CheckpointManager(os.path.join(sdir, "checkpoints"), options=opts)
+  try:
+    latest = mngr.latest_step()
+    if latest is not None and latest >= total and dit_port.is_asvd_checkpoint(_stage_model(workdir, stage)):
+      print(f"[asvd] {stage}: done ({latest} steps), skipping", file=sys.stderr)
+      return _stage_model(workdir, stage)
+
+    # Networks, optimisers and the fresh state (the restore target).
+    model, source = _init_model(cfg, stage, workdir, "generator", seed)
+    graphdef, params = _split(model)
+    tx = _optimizer(cfg, stage)
+    extra, teacher = {}, None
+    score_graphdef = None
+    if stage == "dmd":
+      critic_model, _ = _init_model(cfg, stage, workdir, "critic", seed + 1)
+      teacher_model, _ = _init_model(cfg, stage, workdir, "teacher", seed + 2)
+      score_graphdef, critic = _split(critic_model)
+      _, teacher = _split(teacher_model)
+      if t.dmd.teacher_dtype != "float32":
+        teacher = jax.tree.map(lambda x: x.astype(jnp.dtype(t.dmd.teacher_dtype)), teacher)
+      critic_tx = _optimizer(cfg, stage, "critic")
+      extra = dict(critic=critic, critic_opt=critic_tx.init(critic), ema=jax.tree.map(jnp.copy, params))
+    state = st.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(seed), **extra)
+    # One placement from the first step on (a restored state is committed too): one compile.
+    state = jax.device_put(state, jax.devices()[0])
+    data_dir = t.data.data_dir or os.path.join(workdir, "data")
+    it = make_iterator(t.data, cfg.model, lay.latent_hw, batch_size=int(t.batch_size), seed=seed, data_dir=data_dir)
+
+    if latest is not None:  # resume: the whole state or nothing
+      _quiet_closed_loop_callbacks()
+      try:
+        restored = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001  (orbax raises many types)
+        why = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(f"{mngr.directory}/{latest}: cannot restore this checkpoint, it is truncated or not asvd's ({type(e).__name__}: {why}); move it away to restart the stage from the previous checkpoint") from e
+      state = restored["state"]
+      it.set_state(restored["data"])
+      log.rewind(stage, latest)
+      print(f"[asvd] {stage}: resumed at step {latest}", file=sys.stderr)
+    else:
+      log.rewind(stage, 0)
+      print(f"[asvd] {stage}: starting from {source}", file=sys.stderr)
+
+    # Jitted steps (state donated).
+    if stage == "teacher":
+      step_fn = jax.jit(st.teacher_step(graphdef, tx, cfg), donate_argnums=0)
+    elif stage == "causal_init":
+      step_fn = jax.jit(st.causal_init_step(graphdef, tx, cfg, lay), donate_argnums=0)
+    else:
+      gen_step, critic_step = st.dmd_steps(graphdef, score_graphdef, tx, critic_tx, cfg, lay)
+      gen_jit = jax.jit(gen_step, donate_argnums=0)
+      critic_jit = jax.jit(critic_step, donate_argnums=0)
+      ratio = int(t.dmd.critic_per_generator)
+
+      def step_fn(state, batch):
+        m = {}
+        if int(state.step) % ratio == 0:
+          state, m = gen_jit(state, batch, teacher)
+        state, mc = critic_jit(state, batch)
+        return state, {**m, **mc, "loss": mc["critic_loss"]}
+
+    bar = _bar(progress, stage, total, int(state.step))
+    step = int(state.step)
+    try:
+      while step < total:
+        batch = jax.tree.map(jnp.asarray, next(it))
+        state, metrics = step_fn(state, batch)
+        step += 1
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(stage, step, m)
+        if step % int(t.log_every) == 0 or step == total:
+          log.write({"stage": stage, "step": step, **m})
+        mngr.save(step, args=_save_args(ocp, state, it, cfg), force=step == total or stop.requested)
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix(loss=f"{m['loss']:.4g}")
+        if stop.requested and step < total:
+          mngr.wait_until_finished()
+          print(f"\n[asvd] {stage}: stopped by SIGTERM at step {step}; run the same command to resume", file=sys.stderr)
+          return None
+    finally:
+      if bar is not None:
+        bar.close()
+    mngr.wait_until_finished()
+    final = nnx.merge(graphdef, state.ema if stage == "dmd" else state.params)
+    dit_port.save_dit(final, _stage_model(workdir, stage), overwrite=True)
+    if stage == "dmd":
+      dit_port.save_dit(nnx.merge(graphdef, state.params), os.path.join(sdir, "generator"), overwrite=True)
+    return _stage_model(workdir, stage)
+  finally:
+    mngr.close()
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed restore, tensorstore completes its futures into Orbax's already closed
+  asyncio loop; CPython reports each as an unraisable "Event loop is closed" traceback. Those
+  say nothing the one-line error does not, so they are dropped (everything else is reported)."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+      return
+    previous(unraisable)
+
+  if getattr(previous, "__name__", "") != "hook":
+    sys.unraisablehook = hook
+
+
+def _save_args(ocp, state, it, cfg):
+  return ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(it.get_state()), config=ocp.args.JsonSave(json.loads(cfg.to_json())))
+
+
+def _bar(progress, stage, total, start):
+  if not progress or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm  # noqa: PLC0415
+
+  return tqdm(total=total, initial=start, desc=stage, unit="step", file=sys.stderr)
+
+
+__all__ = ["train", "check_config", "STAGES", "NonFiniteError", "MetricsLog"]
+

@@ -1,0 +1,203 @@
+"""`asvd train` on the tiny config: stages, losses, resume after SIGKILL, errors, data."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import asvd
+from asvd.train import losses, trainer
+from asvd.train import steps as st
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+TRAIN = [sys.executable, "-m", "asvd.main", "train", "--config", "configs/tiny.py", "--no-progress"]
+
+
+def lines(path):
+  return (path / "metrics.jsonl").read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One complete default run: teacher -> causal init -> DMD (the README's training command)."""
+  work = tmp_path_factory.mktemp("train") / "run"
+  t0 = time.perf_counter()
+  p = subprocess.run([*TRAIN, "--workdir", str(work)], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert time.perf_counter() - t0 < 180  # the issue's budget for the default tiny run
+  return work
+
+
+def test_default_run_writes_models_and_metrics(trained, tmp_path):
+  for stage in ("teacher", "causal_init", "dmd"):
+    assert (trained / stage / "model" / "asvd_dit.json").is_file()
+  recs = [json.loads(x) for x in lines(trained)]
+  assert [r["step"] for r in recs if r["stage"] == "teacher"] == list(range(1, 21))
+  assert all("loss" in r and np.isfinite(r["loss"]) for r in recs)
+  assert any("generator_loss" in r for r in recs if r["stage"] == "dmd")
+  assert "model_grad_norm/blocks" in recs[0] and "model_update_norm/head" in recs[0]
+  # The trained generator runs with `asvd generate --checkpoint`.
+  p = subprocess.run([sys.executable, "-m", "asvd.main", "generate", "--config", "configs/tiny.py", "--checkpoint", str(trained / "dmd" / "model"), "--chunks", "2", "--out", str(tmp_path / "g")], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert np.load(tmp_path / "g" / "latents.npy").shape == (1, 6, 8, 8, 16)
+
+
+def test_sigkill_and_rerun_reproduces_metrics_bit_exactly(trained, tmp_path):
+  work = tmp_path / "run"
+  proc = subprocess.Popen([*TRAIN, "--workdir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+  ck = work / "causal_init" / "checkpoints"
+  deadline = time.time() + 150
+  while time.time() < deadline:  # kill mid-stage, once a causal-init checkpoint is complete
+    if ck.is_dir() and any(d.isdigit() and int(d) >= 5 for d in os.listdir(ck)):
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert len(lines(work)) < len(lines(trained))
+  p = subprocess.run([*TRAIN, "--workdir", str(work)], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "resumed at step" in p.stderr or "done (20 steps), skipping" in p.stderr
+  assert lines(work) == lines(trained)
+
+
+def test_truncated_checkpoint_is_one_clear_error(trained, tmp_path):
+  work = tmp_path / "run"
+  shutil.copytree(trained, work)
+  ck = work / "dmd" / "checkpoints"
+  latest = max(int(d) for d in os.listdir(ck) if d.isdigit())
+  for root, _, files in os.walk(ck / str(latest) / "state"):
+    for f in files:
+      if f != "_METADATA":
+        os.remove(os.path.join(root, f))
+  before = lines(work)
+  p = subprocess.run([*TRAIN, "--workdir", str(work), "--config.train.dmd.steps=12"], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert f"checkpoints/{latest}: cannot restore" in p.stderr and "Traceback" not in p.stderr
+  assert lines(work) == before  # nothing half-restored, no metrics rewritten
+
+
+def test_workdir_with_another_config_is_refused(trained, tmp_path):
+  work = tmp_path / "run"
+  shutil.copytree(trained, work)
+  p = subprocess.run([*TRAIN, "--workdir", str(work), "--config.train.horizon_alpha=4.0"], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 2 and "train.horizon_alpha" in p.stderr
+
+
+def test_non_finite_loss_names_step_and_subtree(tmp_path):
+  p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "nan"), "--config.train.stages=('teacher',)", "--config.train.teacher.lr=1e30", "--config.train.optimizer.clip_norm=1e30"], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert "teacher step" in p.stderr and "non-finite" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_train_config_errors(tmp_path):
+  p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "x"), "--config.train.stages=('dmd','teacher')"], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 2 and "train.stages" in p.stderr
+  p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "x"), "--config.train.data.frames=4"], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 2 and "train.data.frames" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Each stage's step lowers its loss (same batch and key, so only the parameters change).
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(cfg):
+  from asvd.data.synthetic import caption_embedding, config_for, make_clip  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  c = config_for(9, 8, 8, 16, 16, 32, 2, 0)
+  batch = {
+    "latents": jnp.asarray(np.stack([make_clip(rng, c, i) for i in (0, 5)])),
+    "text": jnp.asarray(np.stack([caption_embedding(i, 16, 32) for i in (0, 5)])),
+  }
+  return cfg, trainer.layout(cfg), batch
+
+
+def run_fixed_key(step, state, n, *args, name="loss"):
+  key, out = state.key, []
+  for _ in range(n):
+    new, m = step(state.replace(key=key), *args)
+    state = new.replace(key=key)
+    out.append(float(m[name]))
+  return out
+
+
+def assert_decreasing(vals):
+  assert all(b < a for a, b in zip(vals, vals[1:], strict=False)), vals
+
+
+def fresh(cfg, lr, seed=0):
+  model = asvd.init_dit(cfg.model, seed)
+  g, p = nnx.split(model)
+  tx = st.optimizer(lr, cfg.train.optimizer)
+  return g, tx, st.TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p), key=jax.random.PRNGKey(seed))
+
+
+def test_teacher_and_causal_init_losses_decrease(tiny):
+  cfg, lay, batch = tiny
+  g, tx, state = fresh(cfg, 1e-3)
+  assert_decreasing(run_fixed_key(jax.jit(st.teacher_step(g, tx, cfg)), state, 4, batch))
+  g, tx, state = fresh(cfg, 1e-3, seed=1)
+  assert_decreasing(run_fixed_key(jax.jit(st.causal_init_step(g, tx, cfg, lay)), state, 4, batch))
+
+
+def test_dmd_generator_and_critic_losses_decrease(tiny, trained):
+  """From the run's own teacher and causal init (random networks give DMD nothing to match)."""
+  cfg, lay, batch = tiny
+  g, params = nnx.split(asvd.load_dit(trained / "causal_init" / "model"))
+  _, teacher = nnx.split(asvd.load_dit(trained / "teacher" / "model"))
+  tx = st.optimizer(1e-3, cfg.train.optimizer)
+  state = st.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(0))
+  state = state.replace(critic=teacher, critic_opt=tx.init(teacher), ema=state.params)
+  gen, critic = st.dmd_steps(g, g, tx, tx, cfg, lay)
+  assert_decreasing(run_fixed_key(jax.jit(gen), state, 4, batch, teacher))
+  assert_decreasing(run_fixed_key(jax.jit(critic), state, 4, batch, name="critic_loss"))
+
+
+def test_horizon_weights_and_windows():
+  np.testing.assert_allclose(losses.horizon_weights([6, 9, 12], 6, 0.0), [1, 1, 1])  # alpha 0: plain DMD
+  w = np.array([1.0, 1.5**2, 2.0**2])
+  np.testing.assert_allclose(losses.horizon_weights([6, 9, 12], 6, 2.0), w / w.mean(), rtol=1e-6)
+  assert losses.window_starts(12, 6, 3) == [0, 3, 6]
+  assert losses.window_starts(4, 6, 3) == [0]
+  lay = trainer.layout(asvd.load_config("configs/tiny.py"))
+  frames = jnp.arange(9.0).reshape(1, 9, 1, 1, 1) * jnp.ones((1, 9, 8, 8, 16))
+  states = 100.0 + jnp.arange(3.0).reshape(1, 3, 1, 1, 1, 1) * jnp.ones((1, 3, 1, 8, 8, 16))
+  wins, ends = st.dmd_windows(frames, states, lay, 6, True)
+  assert ends == [6, 9]
+  np.testing.assert_array_equal(np.asarray(wins[0, 0, :, 0, 0, 0]), [0, 1, 2, 3, 4, 5])
+  np.testing.assert_array_equal(np.asarray(wins[1, 0, :, 0, 0, 0]), [100, 4, 5, 6, 7, 8])  # the state of chunk 0
+  wins, _ = st.dmd_windows(frames, states, lay, 6, False)
+  np.testing.assert_array_equal(np.asarray(wins[1, 0, :, 0, 0, 0]), [3, 4, 5, 6, 7, 8])
+
+
+def test_data_pipeline_deterministic_resumable_sharded(tmp_path, cfg):
+  from asvd.data.pipeline import make_iterator  # noqa: PLC0415
+
+  def it(seed, pi=0, pc=1):
+    return make_iterator(cfg.train.data, cfg.model, (8, 8), batch_size=2, seed=seed, data_dir=str(tmp_path), process_index=pi, process_count=pc)
+
+  a, b = it(0), it(0)
+  for _ in range(3):
+    np.testing.assert_array_equal(next(a)["latents"], next(b)["latents"])
+  state = a.get_state()
+  want = next(a)["latents"]
+  c = it(0)
+  c.set_state(state)
+  np.testing.assert_array_equal(next(c)["latents"], want)
+  assert not np.array_equal(next(it(1))["latents"], next(it(0))["latents"])  # the seed matters
+  s0 = {next(it(0, 0, 2))["text"][0].tobytes()}
+  seen0 = {x.tobytes() for x in it(0, 0, 2).__next__()["latents"]}
+  seen1 = {x.tobytes() for x in it(0, 1, 2).__next__()["latents"]}
+  assert s0 and not seen0 & seen1  # the two processes read different examples
