@@ -24,7 +24,7 @@ def cmd_train(args, overrides) -> None:
   trainer.check_config(cfg)
   _runtime(cfg)
   out = trainer.train(cfg, args.workdir, progress=not args.no_progress)
-  if len(out) < len(cfg.train.stages):
+  if len(out) < len(cfg.train.stages) or None in out.values():
     print("stopped; run the same command to resume", file=sys.stderr)
     sys.exit(143)
   for stage, path in out.items():

@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
         rollout_chunks=7,  # chunks per generator rollout (may exceed the horizon)
         grad_from_chunk=0,  # chunks before this carry no gradient
         last_step_only=False,  # exit at the last denoising step instead of a random one
+        replay=False,  # generator gradient by chunk replay: O(one chunk) memory for any length
         min_sigma=0.02,
         max_sigma=0.98,
         teacher_dtype="float32",  # "bfloat16" keeps the frozen teacher in bf16

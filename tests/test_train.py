@@ -201,3 +201,59 @@ def test_data_pipeline_deterministic_resumable_sharded(tmp_path, cfg):
   seen0 = {x.tobytes() for x in it(0, 0, 2).__next__()["latents"]}
   seen1 = {x.tobytes() for x in it(0, 1, 2).__next__()["latents"]}
   assert s0 and not seen0 & seen1  # the two processes read different examples
+
+
+def test_dmd_replay_equals_direct_gradient(tiny):
+  cfg, lay, batch = tiny
+  g, tx, state = fresh(cfg, 1e-3)
+  _, teacher = nnx.split(asvd.init_dit(cfg.model, 7))
+  _, critic = nnx.split(asvd.init_dit(cfg.model, 8))
+  state = state.replace(critic=critic, critic_opt=tx.init(critic), ema=state.params)
+  out = {}
+  for replay in (False, True):
+    c = cfg.copy_and_resolve_references()
+    c.train.dmd.update(replay=replay, rollout_chunks=4, grad_from_chunk=1)
+    gen, _ = st.dmd_steps(g, g, tx, tx, c, lay)
+    out[replay] = jax.jit(gen.grads)(state, batch, teacher, jax.random.key(3))
+  np.testing.assert_allclose(float(out[True][0]), float(out[False][0]), rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out[True][1]), jax.tree.leaves(out[False][1]), strict=True):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-12, jax.tree_util.keystr(path)
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(out[True][1]))
+
+
+def test_sigterm_saves_and_resumes(trained, tmp_path):
+  work = tmp_path / "run"
+  proc = subprocess.Popen([*TRAIN, "--workdir", str(work), "--config.train.stages=('teacher',)"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+  deadline = time.time() + 120
+  while time.time() < deadline:  # stop it once training has begun
+    if (work / "metrics.jsonl").is_file() and len(lines(work)) >= 3:
+      break
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  stopped = [json.loads(x)["step"] for x in lines(work)]
+  if proc.returncode == 0:  # it finished before the signal landed: nothing to resume
+    assert stopped[-1] == 20
+  else:
+    assert proc.returncode == 143 and "stopped by SIGTERM at step" in err, err[-2000:]
+    ck = work / "teacher" / "checkpoints"
+    assert max(int(d) for d in os.listdir(ck) if d.isdigit()) == stopped[-1]  # saved where it stopped
+  p = subprocess.run([*TRAIN, "--workdir", str(work), "--config.train.stages=('teacher',)"], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 0, p.stderr[-2000:]
+  want = [x for x in lines(trained) if json.loads(x)["stage"] == "teacher"]
+  assert lines(work) == want
+
+
+@pytest.mark.parametrize("anchor", ["sink", "ema", "none"])
+def test_every_anchor_mode_trains_with_the_same_code(tmp_path, anchor):
+  args = ["--config.train.stages=('causal_init','dmd')", "--config.train.causal_init.steps=2", "--config.train.dmd.steps=2", f"--config.rollout.anchor={anchor}", "--config.train.dmd.init=", "--config.train.optimizer.grad_accum=2"]
+  # No teacher stage: DMD must be told where the teacher is (here: an asvd checkpoint of a random one).
+  teacher = tmp_path / "teacher_ck"
+  asvd.save_dit(asvd.init_dit(asvd.load_config("configs/tiny.py").model, 5), teacher)
+  (tmp_path / "run" / "teacher").mkdir(parents=True)
+  os.symlink(teacher, tmp_path / "run" / "teacher" / "model")
+  p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "run"), *args, "--config.train.dmd.teacher_dtype=bfloat16"], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 0, p.stderr[-3000:]
+  recs = [json.loads(x) for x in lines(tmp_path / "run")]
+  assert [r["stage"] for r in recs] == ["causal_init"] * 2 + ["dmd"] * 2

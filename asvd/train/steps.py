@@ -182,16 +182,9 @@ def _x0(graphdef, params, x_t, sigma_b, text):
   return x_t - sigma_b.reshape(-1, 1, 1, 1, 1) * v
 
 
-def dmd_generator_loss(gen_graphdef, gen_params, score_graphdef, critic_params, teacher_params, lay, carry_fn, batch, key, dcfg, cfg):
-  """The horizon-weighted DMD loss of one generator rollout (see method.md, Training 3)."""
-  k_exit, k_roll, k_sig, k_eps = jax.random.split(key, 4)
-  steps = len(lay.timesteps)
-  exit_step = trr.sample_exit_step(k_exit, steps, bool(dcfg.last_step_only))
-  text = batch["text"]
-  frames, states, _ = trr.training_rollout(
-    gen_params, gen_graphdef, lay, carry_fn(gen_params, text), text, k_roll,
-    num_chunks=int(dcfg.rollout_chunks), exit_step=exit_step, grad_from_chunk=int(dcfg.grad_from_chunk),
-  )  # fmt: skip
+def dmd_window_loss(frames, states, score_graphdef, critic_params, teacher_params, lay, text, key, dcfg, cfg):
+  """The horizon-weighted DMD loss of a rollout's frames (and states): method.md, Training 3."""
+  k_sig, k_eps = jax.random.split(key)
   horizon = int(cfg.train.horizon_frames)
   wins, ends = dmd_windows(frames, states, lay, horizon, bool(cfg.train.state_dmd))
   weights = losses.horizon_weights(ends, horizon, float(cfg.train.horizon_alpha))
@@ -208,7 +201,7 @@ def dmd_generator_loss(gen_graphdef, gen_params, score_graphdef, critic_params, 
     real = cond + float(dcfg.cfg_scale) * (cond - unc)  # Self-Forcing's form: scale 3 == 4 in standard CFG
     g = losses.dmd_gradient(jax.lax.stop_gradient(x), jax.lax.stop_gradient(fake), jax.lax.stop_gradient(real))
     total = total + weights[i] * losses.dmd_loss(x, g)
-  return total / wins.shape[0], frames
+  return total / wins.shape[0]
 
 
 def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layout):
@@ -219,13 +212,38 @@ def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layo
     model = nnx.merge(gen_graphdef, jax.lax.stop_gradient(p))
     return tr.empty_carry(model, model.text_kv(text_ctx), lay)
 
+  def rollout_args(state, batch, key):
+    k_exit, k_roll, k_loss = jax.random.split(key, 3)
+    exit_step = trr.sample_exit_step(k_exit, len(lay.timesteps), bool(dcfg.last_step_only))
+    carry = carry_fn(state.params, batch["text"])
+    kw = dict(exit_step=exit_step, grad_from_chunk=int(dcfg.grad_from_chunk))
+    return carry, k_roll, k_loss, kw
+
+  def generator_grads(state, batch, teacher_params, key):
+    """`(loss, grads)`: directly (`jax.grad` through the remat'ed rollout) or, with
+    `train.dmd.replay`, by replaying the chunks with the loss's cotangents (O(one chunk))."""
+    carry, k_roll, k_loss, kw = rollout_args(state, batch, key)
+    text = batch["text"]
+    n = int(dcfg.rollout_chunks)
+
+    def window_loss(frames, states):
+      return dmd_window_loss(frames, states, score_graphdef, state.critic, teacher_params, lay, text, k_loss, dcfg, cfg)
+
+    if not bool(dcfg.replay):
+
+      def loss_fn(p):
+        frames, states, _ = trr.training_rollout(p, gen_graphdef, lay, carry, text, k_roll, num_chunks=n, **kw)
+        return window_loss(frames, states)
+
+      return jax.value_and_grad(loss_fn)(state.params)
+    frames, states, _ = trr.training_rollout(jax.lax.stop_gradient(state.params), gen_graphdef, lay, carry, text, k_roll, num_chunks=n, remat=False, **kw)
+    loss, (cot_f, cot_s) = jax.value_and_grad(window_loss, argnums=(0, 1))(frames, states)
+    grads, _ = trr.replay_grads(state.params, gen_graphdef, lay, carry, text, k_roll, cot_f, cot_s, **kw)
+    return loss, grads
+
   def generator_step(state: TrainState, batch, teacher_params):
     key, sub = jax.random.split(state.key)
-
-    def loss_fn(p):
-      return dmd_generator_loss(gen_graphdef, p, score_graphdef, state.critic, teacher_params, lay, carry_fn, batch, sub, dcfg, cfg)
-
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, grads = generator_grads(state, batch, teacher_params, sub)
     params, opt_state, m = _apply(gen_tx, grads, state.opt_state, state.params, "generator")
     start = int(dcfg.ema_start)
     decay = jnp.where(state.step >= start, float(dcfg.ema_decay), 0.0)  # EMA begins as a copy at ema_start
@@ -253,7 +271,8 @@ def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layo
     critic, critic_opt, m = _apply(critic_tx, grads, state.critic_opt, state.critic, "critic")
     return state.replace(step=state.step + 1, critic=critic, critic_opt=critic_opt, key=key), {"critic_loss": loss, **m}
 
+  generator_step.grads = generator_grads
   return generator_step, critic_step
 
 
-__all__ = ["TrainState", "optimizer", "teacher_step", "causal_init_step", "dmd_steps", "teacher_forcing_loss", "dmd_windows", "subtree_norms"]
+__all__ = ["TrainState", "optimizer", "teacher_step", "causal_init_step", "dmd_steps", "teacher_forcing_loss", "dmd_windows", "dmd_window_loss", "subtree_norms"]

@@ -222,7 +222,8 @@ class _Stop:
 
 
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
-  """Runs `cfg.train.stages` in `workdir`; returns `{stage: path of its final model}`."""
+  """Runs `cfg.train.stages` in `workdir`; returns `{stage: path of its final model}` (None for
+  a stage stopped by SIGTERM, after which no later stage runs)."""
   check_config(cfg)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   _check_workdir(workdir, cfg)
