@@ -94,7 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
       keep=3,  # checkpoints kept per stage
       log_every=1,  # steps between metrics.jsonl lines
       optimizer=dict(b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0, grad_accum=1),
-      data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0),
+      # LoRA: rank-r adapters on the blocks' linear layers of the trained networks (generator and
+      # critic in dmd) of these stages; only the adapters train; final models are merged.
+      lora=dict(rank=0, alpha=0.0, stages=("dmd",)),
+      # synthetic_pan (generated) | video_folder (folder + weights) | a prepared TFDS name
+      data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0, folder="", weights=""),
       teacher=dict(steps=1000, lr=1e-4, init=""),
       causal_init=dict(steps=1000, lr=1e-5, init="", first_chunk_prob=0.25),
       dmd=dict(

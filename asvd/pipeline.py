@@ -41,14 +41,17 @@ def _first(weights: str, names) -> str | None:
   return None
 
 
-def find_weights(weights: str, checkpoint: str | None = None) -> dict[str, str]:
-  """Paths of the VAE, text encoder, tokenizer and DiT; one clear error for everything missing."""
+def find_weights(weights: str, checkpoint: str | None = None, *, dit: bool = True) -> dict[str, str]:
+  """Paths of the VAE, text encoder, tokenizer and (with `dit`) the DiT; one clear error
+  listing everything missing."""
   found = {
     "vae": _first(weights, VAE_FILES),
     "text_encoder": _first(weights, T5_FILES),
     "tokenizer": _first(weights, TOKENIZER_FILES),
     "dit": checkpoint if checkpoint and os.path.exists(checkpoint) else (None if checkpoint else _first(weights, DIT_FILES)),
   }
+  if not dit:
+    found.pop("dit")
   expect = {
     "vae": " or ".join(VAE_FILES),
     "text_encoder": " or ".join(T5_FILES),
@@ -59,10 +62,30 @@ def find_weights(weights: str, checkpoint: str | None = None) -> dict[str, str]:
   if not os.path.isdir(weights) or missing:
     lines = [f"weights folder {weights!r} is incomplete; expected:"]
     for k, want in expect.items():
+      if k not in found:
+        continue
       lines.append(f"  [{'ok' if found[k] else 'MISSING'}] {k}: {want}")
     lines.append("Wan2.1-T2V-1.3B holds the VAE, umT5 and tokenizer; the DiT is a Self-Forcing or asvd checkpoint.")
     raise FileNotFoundError("\n".join(lines))
   return found
+
+
+def load_encoders(weights: str, config):
+  """`(tokenizer, text encoder, VAE)` from a Wan2.1 folder: what turns videos and captions into
+  training data. `config.pipeline.vae` / `.text_encoder` may name other architectures."""
+  import asvd  # noqa: PLC0415
+
+  paths = find_weights(weights, dit=False)
+  p = config.get("pipeline", {})
+  tok = asvd.load_tokenizer(paths["tokenizer"], max_length=int(config.model.text_len))
+  t5_cfg = plain_config(p.get("text_encoder"))
+  if t5_cfg is not None:
+    from asvd.models.umt5 import UMT5Config  # noqa: PLC0415
+
+    t5_cfg = UMT5Config(**t5_cfg)
+  enc = asvd.load_text_encoder(paths["text_encoder"], dtype=jnp.dtype(config.model.dtype), config=t5_cfg)
+  vae = asvd.load_vae(paths["vae"], dtype=jnp.float32, config=plain_config(p.get("vae")))
+  return tok, enc, vae
 
 
 class T2V:
@@ -86,15 +109,7 @@ class T2V:
 
     paths = find_weights(weights, checkpoint)
     dt = jnp.dtype(config.model.dtype)
-    p = config.get("pipeline", {})
-    tok = asvd.load_tokenizer(paths["tokenizer"], max_length=int(config.model.text_len))
-    t5_cfg = plain_config(p.get("text_encoder"))
-    if t5_cfg is not None:
-      from asvd.models.umt5 import UMT5Config  # noqa: PLC0415
-
-      t5_cfg = UMT5Config(**t5_cfg)
-    enc = asvd.load_text_encoder(paths["text_encoder"], dtype=dt, config=t5_cfg)
-    vae = asvd.load_vae(paths["vae"], dtype=jnp.float32, config=plain_config(p.get("vae")))
+    tok, enc, vae = load_encoders(weights, config)
     dit_path = paths["dit"]
     # The checkpoint defines the architecture; the config chooses how it computes.
     kw: dict[str, Any] = {"dtype": dt, **{k: config.model[k] for k in ("attention", "remat", "scan_layers")}}

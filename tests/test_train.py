@@ -161,8 +161,9 @@ def test_dmd_generator_and_critic_losses_decrease(tiny, trained):
   state = st.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(0))
   state = state.replace(critic=teacher, critic_opt=tx.init(teacher), ema=state.params)
   gen, critic = st.dmd_steps(g, g, tx, tx, cfg, lay)
-  assert_decreasing(run_fixed_key(jax.jit(gen), state, 4, batch, teacher))
-  assert_decreasing(run_fixed_key(jax.jit(critic), state, 4, batch, name="critic_loss"))
+  frozen = st.Frozen(teacher=teacher)
+  assert_decreasing(run_fixed_key(jax.jit(gen), state, 4, batch, frozen))
+  assert_decreasing(run_fixed_key(jax.jit(critic), state, 4, batch, frozen, name="critic_loss"))
 
 
 def test_horizon_weights_and_windows():
@@ -186,7 +187,7 @@ def test_data_pipeline_deterministic_resumable_sharded(tmp_path, cfg):
   from asvd.data.pipeline import make_iterator  # noqa: PLC0415
 
   def it(seed, pi=0, pc=1):
-    return make_iterator(cfg.train.data, cfg.model, (8, 8), batch_size=2, seed=seed, data_dir=str(tmp_path), process_index=pi, process_count=pc)
+    return make_iterator(cfg, (8, 8), batch_size=2, seed=seed, data_dir=str(tmp_path), process_index=pi, process_count=pc)
 
   a, b = it(0), it(0)
   for _ in range(3):
@@ -214,7 +215,7 @@ def test_dmd_replay_equals_direct_gradient(tiny):
     c = cfg.copy_and_resolve_references()
     c.train.dmd.update(replay=replay, rollout_chunks=4, grad_from_chunk=1)
     gen, _ = st.dmd_steps(g, g, tx, tx, c, lay)
-    out[replay] = jax.jit(gen.grads)(state, batch, teacher, jax.random.key(3))
+    out[replay] = jax.jit(gen.grads)(state, batch, st.Frozen(teacher=teacher), jax.random.key(3))
   np.testing.assert_allclose(float(out[True][0]), float(out[False][0]), rtol=1e-6)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out[True][1]), jax.tree.leaves(out[False][1]), strict=True):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -247,7 +248,8 @@ def test_sigterm_saves_and_resumes(trained, tmp_path):
 
 @pytest.mark.parametrize("anchor", ["sink", "ema", "none"])
 def test_every_anchor_mode_trains_with_the_same_code(tmp_path, anchor):
-  args = ["--config.train.stages=('causal_init','dmd')", "--config.train.causal_init.steps=2", "--config.train.dmd.steps=2", f"--config.rollout.anchor={anchor}", "--config.train.dmd.init=", "--config.train.optimizer.grad_accum=2"]
+  lora = ["--config.train.lora.rank=4"] if anchor == "none" else []  # one of them with LoRA adapters
+  args = [*lora, "--config.train.stages=('causal_init','dmd')", "--config.train.causal_init.steps=2", "--config.train.dmd.steps=2", f"--config.rollout.anchor={anchor}", "--config.train.dmd.init=", "--config.train.optimizer.grad_accum=2"]
   # No teacher stage: DMD must be told where the teacher is (here: an asvd checkpoint of a random one).
   teacher = tmp_path / "teacher_ck"
   asvd.save_dit(asvd.init_dit(asvd.load_config("configs/tiny.py").model, 5), teacher)
@@ -257,3 +259,7 @@ def test_every_anchor_mode_trains_with_the_same_code(tmp_path, anchor):
   assert p.returncode == 0, p.stderr[-3000:]
   recs = [json.loads(x) for x in lines(tmp_path / "run")]
   assert [r["stage"] for r in recs] == ["causal_init"] * 2 + ["dmd"] * 2
+  meta = json.loads((tmp_path / "run" / "dmd" / "model" / "asvd_dit.json").read_text())
+  assert meta["model"]["lora_rank"] == 0  # LoRA runs export merged, plain models
+  if lora:
+    assert any("lora" in k for k in recs[-1]) is False and "generator_grad_norm/blocks" in recs[2]

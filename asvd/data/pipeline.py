@@ -26,9 +26,15 @@ def _quiet_tfds():
     flags.FLAGS.mark_as_parsed()
 
 
-def data_source(data_cfg, model_cfg, latent_hw, data_dir: str):
-  """The TFDS data source named by `train.data.name` (generated on first use)."""
+def data_source(config, latent_hw, data_dir: str):
+  """The TFDS data source named by `config.train.data.name` (generated on first use).
+
+  `synthetic_pan`: procedural panning clips (asvd/data/synthetic.py). `video_folder`: your
+  videos + captions, encoded once (asvd/data/video_folder.py). Any other name: a TFDS dataset
+  already prepared as array_record in `data_dir`.
+  """
   _quiet_tfds()
+  data_cfg, model_cfg = config.train.data, config.model
   name = data_cfg.name
   if name == "synthetic_pan":
     from asvd.data import synthetic  # noqa: PLC0415
@@ -38,6 +44,13 @@ def data_source(data_cfg, model_cfg, latent_hw, data_dir: str):
       int(model_cfg.text_len), int(model_cfg.text_dim), int(data_cfg.clips), int(data_cfg.seed),
     )  # fmt: skip
     builder = synthetic.SyntheticPan(config=cfg, data_dir=data_dir, file_format="array_record")
+  elif name == "video_folder":
+    from asvd.data import video_folder  # noqa: PLC0415
+
+    if not data_cfg.folder or not data_cfg.weights:
+      raise UsageError("train.data.name='video_folder' needs train.data.folder (videos + captions) and train.data.weights (the Wan2.1 folder)")
+    cfg = video_folder.config_for(data_cfg, model_cfg, latent_hw, config)
+    builder = video_folder.VideoFolder(config=cfg, data_dir=data_dir, file_format="array_record")
   else:
     import tensorflow_datasets as tfds  # noqa: PLC0415
 
@@ -49,23 +62,25 @@ def data_source(data_cfg, model_cfg, latent_hw, data_dir: str):
   return builder.as_data_source(split=data_cfg.get("split", "train"))
 
 
-def make_iterator(data_cfg, model_cfg, latent_hw, *, batch_size: int, seed: int, data_dir: str, process_index=None, process_count=None):
+def make_iterator(config, latent_hw, *, batch_size: int, seed: int, data_dir: str, process_index=None, process_count=None):
   """An endless, resumable grain iterator of batches `{"latents": [B, T, h, w, C], "text": [B, L, D]}`."""
   import grain  # noqa: PLC0415
   import jax  # noqa: PLC0415
 
-  src = data_source(data_cfg, model_cfg, latent_hw, os.path.abspath(os.path.expanduser(data_dir)))
+  src = data_source(config, latent_hw, os.path.abspath(os.path.expanduser(data_dir)))
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   ds = grain.MapDataset.source(src)[pi::pc]
   if len(ds) < batch_size:
-    raise UsageError(f"train.data: {len(ds)} examples on this process, fewer than the batch size {batch_size}")
+    raise UsageError(f"train.data: {len(ds)} examples on this process, fewer than train.batch_size={batch_size}")
   ds = ds.shuffle(seed=seed).repeat().map(_fields).batch(batch_size, drop_remainder=True)
   return iter(ds.to_iter_dataset())
 
 
 def _fields(ex):
-  return {"latents": ex["latents"], "text": ex["text"]}
+  import numpy as np  # noqa: PLC0415
+
+  return {"latents": np.asarray(ex["latents"], np.float32), "text": np.asarray(ex["text"], np.float32)}
 
 
 __all__ = ["make_iterator", "data_source"]

@@ -77,6 +77,14 @@ class DiTConfig:
   attention: str = "xla"  # asvd.models.attention registry
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots | attn_out
+  # LoRA adapters on the blocks' linear layers (attention q/k/v/o, FFN); 0 = none.
+  lora_rank: int = 0
+  lora_alpha: float = 0.0  # scale = alpha / rank (0: alpha = rank)
+
+  @property
+  def lora_kw(self) -> dict:
+    r = int(self.lora_rank)
+    return {"lora_rank": r, "lora_scale": (float(self.lora_alpha) or r) / r} if r else {}
 
   @property
   def head_dim(self) -> int:
@@ -159,10 +167,19 @@ def _param(value, names):
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
-class Dense(nnx.Module):
-  """`y = x @ W + b` with float32 accumulation; W is `[din, dout]`."""
+class LoRAParam(nnx.Param):
+  """Low-rank adapter weights (`lora_a [din, r]`, `lora_b [r, dout]`). A LoRA run trains only
+  these (`nnx.split(model, LoRAParam, ...)`); `asvd.models.lora.merge_lora` folds them back."""
 
-  def __init__(self, din, dout, *, rngs, names=(None, None), dtype, param_dtype, std=None):
+
+class Dense(nnx.Module):
+  """`y = x @ W + b` with float32 accumulation; W is `[din, dout]`.
+
+  With `lora_rank = r > 0` it adds `scale * (x @ A) @ B` (A Gaussian, B zero: the adapter
+  starts as the identity of the base layer).
+  """
+
+  def __init__(self, din, dout, *, rngs, names=(None, None), dtype, param_dtype, std=None, lora_rank=0, lora_scale=1.0):
     key = rngs.params()
     if std is None:  # xavier uniform, as Wan initialises its linears
       lim = math.sqrt(6.0 / (din + dout))
@@ -172,14 +189,18 @@ class Dense(nnx.Module):
     self.kernel = _param(w.astype(param_dtype), names)
     self.bias = _param(jnp.zeros((dout,), param_dtype), (names[1],))
     self.dtype = dtype
+    self.lora_rank, self.lora_scale = int(lora_rank), float(lora_scale)
+    if self.lora_rank:
+      a = jax.random.normal(rngs.params(), (din, self.lora_rank), jnp.float32) / math.sqrt(din)
+      self.lora_a = LoRAParam(a.astype(param_dtype), out_sharding=(names[0], None), eager_sharding=False)
+      self.lora_b = LoRAParam(jnp.zeros((self.lora_rank, dout), param_dtype), out_sharding=(None, names[1]), eager_sharding=False)
 
   def __call__(self, x, out_dtype=None):
-    y = jnp.einsum(
-      "...i,io->...o",
-      x.astype(self.dtype),
-      self.kernel[...].astype(self.dtype),
-      preferred_element_type=jnp.float32,
-    )
+    xd = x.astype(self.dtype)
+    y = jnp.einsum("...i,io->...o", xd, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+    if self.lora_rank:
+      h = jnp.einsum("...i,ir->...r", xd, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
+      y = y + self.lora_scale * jnp.einsum("...r,ro->...o", h.astype(self.dtype), self.lora_b[...].astype(self.dtype), preferred_element_type=jnp.float32)
     return (y + self.bias[...].astype(jnp.float32)).astype(out_dtype or self.dtype)
 
 
@@ -204,7 +225,7 @@ class Attention(nnx.Module):
   """Multi-head attention with RMSNorm on q and k over the full width (Wan's qk_norm)."""
 
   def __init__(self, cfg: DiTConfig, *, rngs):
-    d, kw = cfg.dim, {"rngs": rngs, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
+    d, kw = cfg.dim, {"rngs": rngs, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, **cfg.lora_kw}
     self.q = Dense(d, d, names=("embed", "heads"), **kw)
     self.k = Dense(d, d, names=("embed", "heads"), **kw)
     self.v = Dense(d, d, names=("embed", "heads"), **kw)
@@ -237,8 +258,8 @@ class Block(nnx.Module):
     if cfg.cross_attn_norm:
       self.norm_cross_scale = _param(jnp.ones((d,), cfg.param_dtype), ("embed",))
       self.norm_cross_bias = _param(jnp.zeros((d,), cfg.param_dtype), ("embed",))
-    self.ffn_in = Dense(d, cfg.ffn_dim, names=("embed", "mlp"), **kw)
-    self.ffn_out = Dense(cfg.ffn_dim, d, names=("mlp", "embed"), **kw)
+    self.ffn_in = Dense(d, cfg.ffn_dim, names=("embed", "mlp"), **kw, **cfg.lora_kw)
+    self.ffn_out = Dense(cfg.ffn_dim, d, names=("mlp", "embed"), **kw, **cfg.lora_kw)
     self.cfg = cfg
 
   def text_kv(self, ctx_bld):

@@ -33,12 +33,17 @@ def sample_exit_step(key: jax.Array, steps: int, last_step_only: bool = False) -
   return jax.random.randint(key, (), 0, steps, jnp.int32)
 
 
-def _chunk(graphdef, lay, shape, key, exit_step, grad_from_chunk):
+def merge(graphdef, params, frozen=None):
+  """The model from its trainable `params` and, for LoRA runs, the `frozen` rest."""
+  return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
+def _chunk(graphdef, lay, shape, key, exit_step, grad_from_chunk, frozen=None):
   """One training chunk: `(params, text, carry, c) -> (carry, (frames, state))`."""
 
   def run(params, text, carry, c):
     state, cache = carry
-    model = nnx.merge(graphdef, params)
+    model = merge(graphdef, params, frozen)
     noise = chunk_noise(key, c, shape)
     new_state, cache, frames = tr.transition_fn(model, lay, state, cache, noise, exit_step=exit_step, text=text)
     live = c >= grad_from_chunk
@@ -62,6 +67,7 @@ def training_rollout(
   grad_from_chunk=0,
   start_chunk: int = 0,
   remat: bool = True,
+  frozen=None,
 ):
   """Rolls the generator out with gradient through one forward per chunk.
 
@@ -77,14 +83,15 @@ def training_rollout(
     grad_from_chunk: chunks with index below this carry no gradient (may be traced).
     start_chunk: index of the first chunk (noise keys continue from there).
     remat: rematerialise each chunk in the backward pass (keep only `exit_input` and the carry).
+    frozen: the non-trainable rest of the model (LoRA: `split_lora`), closed over, no gradient.
 
   Returns:
     `(frames [B, num_chunks*F, H, W, C], states [B, num_chunks, Fs, H, W, C], final carry)`.
   """
   b = carry[1].valid.shape[0]
   shape = tr.noise_shape(lay, b, carry[1].lat.shape[-1])
-  text = nnx.merge(graphdef, params).text_kv(jnp.asarray(context))  # live: the text path learns
-  step = _chunk(graphdef, lay, shape, key, exit_step, grad_from_chunk)
+  text = merge(graphdef, params, frozen).text_kv(jnp.asarray(context))  # live: the text path learns
+  step = _chunk(graphdef, lay, shape, key, exit_step, grad_from_chunk, frozen)
   if remat:
     step = jax.checkpoint(step, policy=jax.checkpoint_policies.save_only_these_names("exit_input"))
 
@@ -114,6 +121,7 @@ def replay_grads(
   exit_step,
   grad_from_chunk=0,
   start_chunk: int = 0,
+  frozen=None,
 ):
   """Gradient of a loss of a rollout's frames, chunk by chunk, in O(one chunk) memory.
 
@@ -128,8 +136,8 @@ def replay_grads(
   b, total = frames_cot.shape[:2]
   n = total // f
   shape = tr.noise_shape(lay, b, carry[1].lat.shape[-1])
-  text, text_vjp = jax.vjp(lambda p: nnx.merge(graphdef, p).text_kv(jnp.asarray(context)), params)
-  step = _chunk(graphdef, lay, shape, key, exit_step, grad_from_chunk)
+  text, text_vjp = jax.vjp(lambda p: merge(graphdef, p, frozen).text_kv(jnp.asarray(context)), params)
+  step = _chunk(graphdef, lay, shape, key, exit_step, grad_from_chunk, frozen)
   cot_f = jnp.moveaxis(frames_cot.reshape(b, n, f, *frames_cot.shape[2:]), 1, 0)  # [n, B, F, ...]
   if states_cot is None:
     states_cot = jnp.zeros((b, n, lay.state_frames, *frames_cot.shape[2:]), frames_cot.dtype)
@@ -159,4 +167,4 @@ def _vjp_with_carry(step, params, text, carry, c):
   return (new_carry, out), vjp
 
 
-__all__ = ["training_rollout", "replay_grads", "sample_exit_step"]
+__all__ = ["training_rollout", "replay_grads", "sample_exit_step", "merge"]

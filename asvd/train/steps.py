@@ -23,6 +23,7 @@ from flax import nnx, struct
 from asvd import transition as tr
 from asvd.train import losses
 from asvd.train import rollout as trr
+from asvd.train.rollout import merge
 
 
 @struct.dataclass
@@ -36,6 +37,16 @@ class TrainState:
   critic: Any = None
   critic_opt: Any = None
   ema: Any = None
+
+
+@struct.dataclass
+class Frozen:
+  """What a step reads but never trains, passed as an argument (not baked into the program):
+  the non-adapter weights of LoRA runs (`generator`, `critic`) and DMD's frozen `teacher`."""
+
+  generator: Any = None
+  critic: Any = None
+  teacher: Any = None
 
 
 def optimizer(lr: float, opt_cfg) -> optax.GradientTransformation:
@@ -61,8 +72,8 @@ def _apply(tx, grads, opt_state, params, tag: str):
   return new, opt_state, m
 
 
-def _flow_fn(graphdef, params):
-  model = nnx.merge(graphdef, params)
+def _flow_fn(graphdef, params, frozen=None):
+  model = merge(graphdef, params, frozen)
   return lambda x, t, text: model(x, t, text)
 
 
@@ -74,12 +85,13 @@ def _flow_fn(graphdef, params):
 def teacher_step(graphdef, tx, cfg):
   h, shift = int(cfg.train.horizon_frames), float(cfg.sampler.shift)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, frozen: Frozen | None = None):
+    frozen = frozen or Frozen()
     key, sub = jax.random.split(state.key)
     x0, text = batch["latents"][:, :h], batch["text"]
 
     def loss_fn(p):
-      f = _flow_fn(graphdef, p)
+      f = _flow_fn(graphdef, p, frozen.generator)
       return losses.flow_matching_loss(lambda xt, t: f(xt, t, text), x0, sub, shift)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -139,11 +151,12 @@ def causal_init_step(graphdef, tx, cfg, lay: tr.Layout):
   shift = float(cfg.sampler.shift)
   p_first = float(cfg.train.causal_init.first_chunk_prob)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, frozen: Frozen | None = None):
+    frozen = frozen or Frozen()
     key, sub = jax.random.split(state.key)
 
     def loss_fn(p):
-      return teacher_forcing_loss(nnx.merge(graphdef, p), lay, batch["latents"], batch["text"], sub, shift, p_first)
+      return teacher_forcing_loss(merge(graphdef, p, frozen.generator), lay, batch["latents"], batch["text"], sub, shift, p_first)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     params, opt_state, m = _apply(tx, grads, state.opt_state, state.params, "model")
@@ -176,14 +189,18 @@ def dmd_windows(frames, states, lay: tr.Layout, horizon: int, state_dmd: bool):
   return jnp.stack(out), [s + h for s in starts]
 
 
-def _x0(graphdef, params, x_t, sigma_b, text):
+def _x0(graphdef, params, x_t, sigma_b, text, frozen=None):
   b, f = x_t.shape[:2]
-  v = nnx.merge(graphdef, params)(x_t, jnp.broadcast_to(1000.0 * sigma_b[:, None], (b, f)), text)
+  v = merge(graphdef, params, frozen)(x_t, jnp.broadcast_to(1000.0 * sigma_b[:, None], (b, f)), text)
   return x_t - sigma_b.reshape(-1, 1, 1, 1, 1) * v
 
 
-def dmd_window_loss(frames, states, score_graphdef, critic_params, teacher_params, lay, text, key, dcfg, cfg):
-  """The horizon-weighted DMD loss of a rollout's frames (and states): method.md, Training 3."""
+def dmd_window_loss(frames, states, score_graphdef, critic_params, frozen: Frozen, lay, text, key, dcfg, cfg, critic_graphdef=None):
+  """The horizon-weighted DMD loss of a rollout's frames (and states): method.md, Training 3.
+
+  `score_graphdef` is the teacher's graph; `critic_graphdef` the critic's (differs with LoRA).
+  """
+  critic_graphdef = score_graphdef if critic_graphdef is None else critic_graphdef
   k_sig, k_eps = jax.random.split(key)
   horizon = int(cfg.train.horizon_frames)
   wins, ends = dmd_windows(frames, states, lay, horizon, bool(cfg.train.state_dmd))
@@ -195,39 +212,45 @@ def dmd_window_loss(frames, states, score_graphdef, critic_params, teacher_param
     b = x.shape[0]
     sigma = losses.shifted_sigma(jax.random.fold_in(k_sig, i), (b,), float(cfg.sampler.shift), float(dcfg.min_sigma), float(dcfg.max_sigma))
     x_t = losses.noised(jax.lax.stop_gradient(x), jax.random.normal(jax.random.fold_in(k_eps, i), x.shape), sigma)
-    fake = _x0(score_graphdef, jax.lax.stop_gradient(critic_params), x_t, sigma, text)
-    cond = _x0(score_graphdef, teacher_params, x_t, sigma, text)
-    unc = _x0(score_graphdef, teacher_params, x_t, sigma, uncond)
+    fake = _x0(critic_graphdef, jax.lax.stop_gradient(critic_params), x_t, sigma, text, frozen.critic)
+    cond = _x0(score_graphdef, frozen.teacher, x_t, sigma, text)
+    unc = _x0(score_graphdef, frozen.teacher, x_t, sigma, uncond)
     real = cond + float(dcfg.cfg_scale) * (cond - unc)  # Self-Forcing's form: scale 3 == 4 in standard CFG
     g = losses.dmd_gradient(jax.lax.stop_gradient(x), jax.lax.stop_gradient(fake), jax.lax.stop_gradient(real))
     total = total + weights[i] * losses.dmd_loss(x, g)
   return total / wins.shape[0]
 
 
-def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layout):
-  """`(generator_step, critic_step)` of DMD; the teacher's parameters are an argument."""
-  dcfg = cfg.train.dmd
+def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layout, critic_graphdef=None):
+  """`(generator_step, critic_step)` of DMD, each `(state, batch, frozen) -> (state, metrics)`.
 
-  def carry_fn(p, text_ctx):
-    model = nnx.merge(gen_graphdef, jax.lax.stop_gradient(p))
+  `frozen.teacher` holds the teacher's parameters (graph `score_graphdef`); the critic has graph
+  `critic_graphdef` (default the teacher's; LoRA adds adapters) and, with LoRA, its frozen rest
+  in `frozen.critic`, as the generator's in `frozen.generator`.
+  """
+  dcfg = cfg.train.dmd
+  critic_graphdef = score_graphdef if critic_graphdef is None else critic_graphdef
+
+  def carry_fn(p, frozen, text_ctx):
+    model = merge(gen_graphdef, jax.lax.stop_gradient(p), frozen.generator)
     return tr.empty_carry(model, model.text_kv(text_ctx), lay)
 
-  def rollout_args(state, batch, key):
+  def rollout_args(state, batch, frozen, key):
     k_exit, k_roll, k_loss = jax.random.split(key, 3)
     exit_step = trr.sample_exit_step(k_exit, len(lay.timesteps), bool(dcfg.last_step_only))
-    carry = carry_fn(state.params, batch["text"])
-    kw = dict(exit_step=exit_step, grad_from_chunk=int(dcfg.grad_from_chunk))
+    carry = carry_fn(state.params, frozen, batch["text"])
+    kw = dict(exit_step=exit_step, grad_from_chunk=int(dcfg.grad_from_chunk), frozen=frozen.generator)
     return carry, k_roll, k_loss, kw
 
-  def generator_grads(state, batch, teacher_params, key):
+  def generator_grads(state, batch, frozen, key):
     """`(loss, grads)`: directly (`jax.grad` through the remat'ed rollout) or, with
     `train.dmd.replay`, by replaying the chunks with the loss's cotangents (O(one chunk))."""
-    carry, k_roll, k_loss, kw = rollout_args(state, batch, key)
+    carry, k_roll, k_loss, kw = rollout_args(state, batch, frozen, key)
     text = batch["text"]
     n = int(dcfg.rollout_chunks)
 
     def window_loss(frames, states):
-      return dmd_window_loss(frames, states, score_graphdef, state.critic, teacher_params, lay, text, k_loss, dcfg, cfg)
+      return dmd_window_loss(frames, states, score_graphdef, state.critic, frozen, lay, text, k_loss, dcfg, cfg, critic_graphdef)
 
     if not bool(dcfg.replay):
 
@@ -241,9 +264,9 @@ def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layo
     grads, _ = trr.replay_grads(state.params, gen_graphdef, lay, carry, text, k_roll, cot_f, cot_s, **kw)
     return loss, grads
 
-  def generator_step(state: TrainState, batch, teacher_params):
+  def generator_step(state: TrainState, batch, frozen: Frozen):
     key, sub = jax.random.split(state.key)
-    loss, grads = generator_grads(state, batch, teacher_params, sub)
+    loss, grads = generator_grads(state, batch, frozen, sub)
     params, opt_state, m = _apply(gen_tx, grads, state.opt_state, state.params, "generator")
     start = int(dcfg.ema_start)
     decay = jnp.where(state.step >= start, float(dcfg.ema_decay), 0.0)  # EMA begins as a copy at ema_start
@@ -251,19 +274,19 @@ def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layo
     # The iteration counter (`step`) is advanced by the critic step, which runs every iteration.
     return state.replace(params=params, opt_state=opt_state, ema=ema, key=key), {"loss": loss, "generator_loss": loss, **m}
 
-  def critic_step(state: TrainState, batch):
+  def critic_step(state: TrainState, batch, frozen: Frozen):
     """Flow matching of the critic on freshly generated (gradient-free) windows."""
     key, k_gen, k_exit, k_fm = jax.random.split(state.key, 4)
     text = batch["text"]
     exit_step = trr.sample_exit_step(k_exit, len(lay.timesteps), bool(dcfg.last_step_only))
     frames, states, _ = trr.training_rollout(
-      jax.lax.stop_gradient(state.params), gen_graphdef, lay, carry_fn(state.params, text), text, k_gen,
-      num_chunks=int(dcfg.rollout_chunks), exit_step=exit_step, remat=False,
+      jax.lax.stop_gradient(state.params), gen_graphdef, lay, carry_fn(state.params, frozen, text), text, k_gen,
+      num_chunks=int(dcfg.rollout_chunks), exit_step=exit_step, remat=False, frozen=frozen.generator,
     )  # fmt: skip
     wins, _ = dmd_windows(jax.lax.stop_gradient(frames), jax.lax.stop_gradient(states), lay, int(cfg.train.horizon_frames), bool(cfg.train.state_dmd))
 
     def loss_fn(p):
-      f = _flow_fn(score_graphdef, p)
+      f = _flow_fn(critic_graphdef, p, frozen.critic)
       per = [losses.flow_matching_loss(lambda xt, t: f(xt, t, text), wins[i], jax.random.fold_in(k_fm, i), float(cfg.sampler.shift)) for i in range(wins.shape[0])]
       return sum(per) / len(per)
 
@@ -275,4 +298,4 @@ def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layo
   return generator_step, critic_step
 
 
-__all__ = ["TrainState", "optimizer", "teacher_step", "causal_init_step", "dmd_steps", "teacher_forcing_loss", "dmd_windows", "dmd_window_loss", "subtree_norms"]
+__all__ = ["TrainState", "Frozen", "optimizer", "teacher_step", "causal_init_step", "dmd_steps", "teacher_forcing_loss", "dmd_windows", "dmd_window_loss", "subtree_norms"]

@@ -35,7 +35,9 @@ from flax import nnx
 from asvd import transition as tr
 from asvd.ckpt.common import CheckpointError
 from asvd.errors import UsageError
+from asvd.models.lora import add_lora, merge_lora, split_lora
 from asvd.train import steps as st
+from asvd.train.rollout import merge
 
 STAGES = ("teacher", "causal_init", "dmd")
 
@@ -64,13 +66,15 @@ def check_config(cfg) -> None:
   for k in ("batch_size", "checkpoint_every", "keep", "log_every"):
     if int(t[k]) < 1:
       raise UsageError(f"train.{k}={t[k]} must be >= 1")
+  if int(t.lora.rank) < 0 or any(s not in STAGES for s in t.lora.stages):
+    raise UsageError(f"train.lora: rank {t.lora.rank} must be >= 0 and stages {tuple(t.lora.stages)} among {STAGES}")
   if int(t.optimizer.grad_accum) < 1:
     raise UsageError(f"train.optimizer.grad_accum={t.optimizer.grad_accum} must be >= 1")
   lay = layout(cfg)
   frames = int(t.data.frames)
-  need = max(int(t.horizon_frames) if "teacher" in t.stages else 0, lay.window_frames + lay.chunk_frames)
+  need = max(int(t.horizon_frames) if "teacher" in t.stages else 0, lay.window_frames + lay.chunk_frames if "causal_init" in t.stages else 0)
   if frames < need:
-    raise UsageError(f"train.data.frames={frames}: the stages need clips of at least {need} latent frames (horizon, and Wp + F)")
+    raise UsageError(f"train.data.frames={frames}: the stages {tuple(t.stages)} need clips of at least {need} latent frames (teacher: H; causal_init: Wp + F)")
   if "dmd" in t.stages and int(t.dmd.critic_per_generator) < 1:
     raise UsageError(f"train.dmd.critic_per_generator={t.dmd.critic_per_generator} must be >= 1")
 
@@ -157,6 +161,14 @@ def _check_finite(stage: str, step: int, metrics: dict) -> None:
 def _split(model):
   graphdef, params = nnx.split(model)
   return graphdef, params
+
+
+def _trainable(model, lora_rank: int, alpha: float, seed: int):
+  """`(graphdef, trainable params, frozen rest or None)`: all parameters, or LoRA adapters only."""
+  if not lora_rank:
+    graphdef, params = _split(model)
+    return graphdef, params, None
+  return split_lora(add_lora(model, lora_rank, float(alpha) or None, key=seed))
 
 
 def _stage_model(workdir: str, stage: str) -> str:
@@ -256,26 +268,30 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
       print(f"[asvd] {stage}: done ({latest} steps), skipping", file=sys.stderr)
       return _stage_model(workdir, stage)
 
-    # Networks, optimisers and the fresh state (the restore target).
+    # Networks, optimisers and the fresh state (the restore target). With LoRA only the adapters
+    # are trained (and checkpointed); the rest of each network is `frozen`, an argument.
+    lora = int(t.lora.rank) if stage in t.lora.stages else 0
     model, source = _init_model(cfg, stage, workdir, "generator", seed)
-    graphdef, params = _split(model)
+    graphdef, params, gen_frozen = _trainable(model, lora, t.lora.alpha, seed)
     tx = _optimizer(cfg, stage)
-    extra, teacher = {}, None
-    score_graphdef = None
+    extra, frozen = {}, st.Frozen(generator=gen_frozen)
+    score_graphdef = critic_graphdef = None
     if stage == "dmd":
       critic_model, _ = _init_model(cfg, stage, workdir, "critic", seed + 1)
       teacher_model, _ = _init_model(cfg, stage, workdir, "teacher", seed + 2)
-      score_graphdef, critic = _split(critic_model)
-      _, teacher = _split(teacher_model)
+      critic_graphdef, critic, critic_frozen = _trainable(critic_model, lora, t.lora.alpha, seed + 1)
+      score_graphdef, teacher = _split(teacher_model)
       if t.dmd.teacher_dtype != "float32":
         teacher = jax.tree.map(lambda x: x.astype(jnp.dtype(t.dmd.teacher_dtype)), teacher)
       critic_tx = _optimizer(cfg, stage, "critic")
       extra = dict(critic=critic, critic_opt=critic_tx.init(critic), ema=jax.tree.map(jnp.copy, params))
+      frozen = st.Frozen(generator=gen_frozen, critic=critic_frozen, teacher=teacher)
+    frozen = jax.device_put(frozen, jax.devices()[0])
     state = st.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(seed), **extra)
     # One placement from the first step on (a restored state is committed too): one compile.
     state = jax.device_put(state, jax.devices()[0])
     data_dir = t.data.data_dir or os.path.join(workdir, "data")
-    it = make_iterator(t.data, cfg.model, lay.latent_hw, batch_size=int(t.batch_size), seed=seed, data_dir=data_dir)
+    it = make_iterator(cfg, lay.latent_hw, batch_size=int(t.batch_size), seed=seed, data_dir=data_dir)
 
     if latest is not None:  # resume: the whole state or nothing
       _quiet_closed_loop_callbacks()
@@ -292,23 +308,25 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
       log.rewind(stage, 0)
       print(f"[asvd] {stage}: starting from {source}", file=sys.stderr)
 
-    # Jitted steps (state donated).
+    # Jitted steps (state donated; frozen weights are an argument, never baked into the program).
     if stage == "teacher":
-      step_fn = jax.jit(st.teacher_step(graphdef, tx, cfg), donate_argnums=0)
+      one = jax.jit(st.teacher_step(graphdef, tx, cfg), donate_argnums=0)
     elif stage == "causal_init":
-      step_fn = jax.jit(st.causal_init_step(graphdef, tx, cfg, lay), donate_argnums=0)
+      one = jax.jit(st.causal_init_step(graphdef, tx, cfg, lay), donate_argnums=0)
     else:
-      gen_step, critic_step = st.dmd_steps(graphdef, score_graphdef, tx, critic_tx, cfg, lay)
+      gen_step, critic_step = st.dmd_steps(graphdef, score_graphdef, tx, critic_tx, cfg, lay, critic_graphdef)
       gen_jit = jax.jit(gen_step, donate_argnums=0)
       critic_jit = jax.jit(critic_step, donate_argnums=0)
       ratio = int(t.dmd.critic_per_generator)
 
-      def step_fn(state, batch):
-        m = {}
-        if int(state.step) % ratio == 0:
-          state, m = gen_jit(state, batch, teacher)
-        state, mc = critic_jit(state, batch)
-        return state, {**m, **mc, "loss": mc["critic_loss"]}
+    def step_fn(state, batch):
+      if stage != "dmd":
+        return one(state, batch, frozen)
+      m = {}
+      if int(state.step) % ratio == 0:
+        state, m = gen_jit(state, batch, frozen)
+      state, mc = critic_jit(state, batch, frozen)
+      return state, {**m, **mc, "loss": mc["critic_loss"]}
 
     bar = _bar(progress, stage, total, int(state.step))
     step = int(state.step)
@@ -333,10 +351,11 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
       if bar is not None:
         bar.close()
     mngr.wait_until_finished()
-    final = nnx.merge(graphdef, state.ema if stage == "dmd" else state.params)
+    final = merge_lora(merge(graphdef, state.ema if stage == "dmd" else state.params, gen_frozen))
     dit_port.save_dit(final, _stage_model(workdir, stage), overwrite=True)
     if stage == "dmd":
-      dit_port.save_dit(nnx.merge(graphdef, state.params), os.path.join(sdir, "generator"), overwrite=True)
+      raw = merge_lora(merge(graphdef, state.params, gen_frozen))
+      dit_port.save_dit(raw, os.path.join(sdir, "generator"), overwrite=True)
     return _stage_model(workdir, stage)
   finally:
     mngr.close()
