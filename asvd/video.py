@@ -178,9 +178,26 @@ def read_frames(path: str, hw: tuple[int, int], max_frames: int | None = None, *
   return arr
 
 
+def video_size(path: str) -> tuple[int, int]:
+  """`(H, W)` of a video's first video stream, from ffmpeg's description of the file."""
+  import re  # noqa: PLC0415
+
+  p = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, check=False)
+  m = re.search(rb"Video: .*?, (\d{1,5})x(\d{1,5})[ ,\n]", p.stderr)
+  if m is None:
+    raise UsageError(f"{path}: no video stream found")
+  return int(m.group(2)), int(m.group(1))
+
+
+def read_video(path: str) -> np.ndarray:
+  """Every frame of a video at its own size, uint8 `[T, H, W, 3]` (no fork of this process)."""
+  h, w = video_size(path)
+  return read_frames(path, (h, w))
+
+
 def iter_chunks(frames: np.ndarray, size: int) -> Iterator[np.ndarray]:
   for i in range(0, len(frames), size):
     yield frames[i : i + size]
 
 
-__all__ = ["write_mp4", "read_frames", "latent_preview", "to_uint8"]
+__all__ = ["write_mp4", "read_frames", "read_video", "video_size", "latent_preview", "to_uint8"]

@@ -48,11 +48,9 @@ def test_decode_preview_and_rerun(tmp_path):
 
 
 def read_video(path):
-  import imageio_ffmpeg  # noqa: PLC0415
+  from asvd.video import read_video as read  # noqa: PLC0415  (ffmpeg without forking pytest)
 
-  gen = imageio_ffmpeg.read_frames(str(path))
-  w, h = next(gen)["size"]
-  return np.stack([np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen])
+  return read(str(path))
 
 
 def test_eval_attention_writes_png(tmp_path):
