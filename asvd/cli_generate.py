@@ -18,9 +18,6 @@ import numpy as np
 from asvd.errors import UsageError
 
 MAX_SEED = 2**32 - 1
-# Model config keys that select how the DiT computes (not what it is): a checkpoint defines the
-# architecture, the config still chooses these.
-COMPUTE_KEYS = ("attention", "remat", "scan_layers")
 
 
 def _int_at_least(lo: int, hi: int | None = None):
@@ -108,12 +105,14 @@ def _check_model_config(cfg, overrides, checkpoint):
   """The DiT config as far as it can be known without loading: the compute backend, and no
   architecture override that a checkpoint would silently ignore."""
   from asvd.models import attention  # noqa: PLC0415
+  from asvd.models.dit import DiTConfig  # noqa: PLC0415
 
+  compute_keys = DiTConfig.COMPUTE_FIELDS
   attention.check_available(cfg.model.attention)
   if checkpoint:
-    ignored = [o.split("=")[0] for o in overrides if o.startswith("--config.model.") and o.split("=")[0].split(".")[-1] not in COMPUTE_KEYS + ("dtype", "param_dtype")]
+    ignored = [o.split("=")[0] for o in overrides if o.startswith("--config.model.") and o.split("=")[0].split(".")[-1] not in (*compute_keys, "dtype", "param_dtype")]
     if ignored:
-      raise UsageError(f"{', '.join(ignored)}: the checkpoint defines the architecture; only model.{{{', '.join(COMPUTE_KEYS)}, dtype}} apply with --checkpoint")
+      raise UsageError(f"{', '.join(ignored)}: the checkpoint defines the architecture; only model.{{{', '.join(compute_keys)}, dtype}} apply with --checkpoint")
 
 
 def _load_dit(cfg, checkpoint, seed):
@@ -123,8 +122,9 @@ def _load_dit(cfg, checkpoint, seed):
   import asvd  # noqa: PLC0415
 
   if checkpoint:
-    compute = {k: cfg.model[k] for k in COMPUTE_KEYS}
-    return asvd.load_dit(checkpoint, dtype=jnp.dtype(cfg.model.dtype), **compute)
+    from asvd.models.dit import compute_settings  # noqa: PLC0415
+
+    return asvd.load_dit(checkpoint, dtype=jnp.dtype(cfg.model.dtype), **compute_settings(cfg.model))
   print(f"[asvd] random weights ({cfg.name}): a smoke run, the output is noise-like by design", file=sys.stderr)
   return asvd.init_dit(cfg.model, jax.random.key(seed))
 

@@ -112,7 +112,9 @@ class T2V:
     tok, enc, vae = load_encoders(weights, config)
     dit_path = paths["dit"]
     # The checkpoint defines the architecture; the config chooses how it computes.
-    kw: dict[str, Any] = {"dtype": dt, **{k: config.model[k] for k in ("attention", "remat", "scan_layers")}}
+    from asvd.models.dit import compute_settings  # noqa: PLC0415
+
+    kw: dict[str, Any] = {"dtype": dt, **compute_settings(config.model)}
     if os.path.isfile(dit_path) and not os.path.isfile(os.path.join(os.path.dirname(dit_path), "config.json")):
       kw["model_config"] = config.model
     dit = asvd.load_dit(dit_path, **kw)

@@ -130,15 +130,6 @@ def _own(carry):
   return jax.tree.map(jnp.copy, carry)
 
 
-def _check_absolute(lay: tr.Layout, start_chunk: int, num_chunks: int | None) -> None:
-  if lay.absolute and num_chunks is not None and (start_chunk + num_chunks) * lay.chunk_frames > lay.window_frames:
-    raise UsageError(
-      f"the absolute Self-Forcing preset holds {lay.window_frames} frames (rollout.absolute_frames): "
-      f"at most {lay.window_frames // lay.chunk_frames} chunks, asked for chunks {start_chunk}.."
-      f"{start_chunk + num_chunks - 1}"
-    )
-
-
 def _check_context(model, context):
   context = jnp.asarray(context)
   if context.ndim != 3 or context.shape[-1] != model.cfg.text_dim:
@@ -201,7 +192,7 @@ def rollout(
   if segment < 1:
     raise UsageError(f"rollout.scan_chunks={segment} must be >= 1")
   prog, params, init = _program(model, context, config, sampler_config, latent_hw, segment, mesh)
-  _check_absolute(prog.lay, start_chunk, num_chunks)
+  tr.check_absolute(prog.lay, start_chunk, num_chunks)
   carry = init if carry is None else _own(carry)
   switches = _switch_schedule(model, prompts, start_chunk + num_chunks)
   key = _key(key)
@@ -248,7 +239,7 @@ def stream(
   """
   context = _check_context(model, context)
   prog, params, init = _program(model, context, config, sampler_config, latent_hw, 1)
-  _check_absolute(prog.lay, start_chunk, num_chunks)
+  tr.check_absolute(prog.lay, start_chunk, num_chunks)
   switches = _switch_schedule(model, prompts)
   carry = init if carry is None else _own(carry)
   return Stream(prog, params, carry, switches, _key(key), start_chunk, num_chunks)
@@ -272,7 +263,7 @@ class Stream(Iterator[jax.Array]):
     c = self.next_chunk
     if self._end is not None and c >= self._end:
       raise StopIteration
-    _check_absolute(self._prog.lay, c, 1)  # an endless stream of the absolute preset stops here
+    tr.check_absolute(self._prog.lay, c, 1)  # an endless stream of the absolute preset stops here
     if c in self._switches:
       self._carry = self._prog.switch(self._params, self._carry, self._switches[c])
     self._carry, ys = self._prog.one(self._params, self._carry, self._key, jnp.int32(c))
@@ -282,8 +273,8 @@ class Stream(Iterator[jax.Array]):
 
 @functools.lru_cache(maxsize=16)
 def _prefill_write(graphdef, lay: tr.Layout):
-  def prefill_write(params, state, cache, x, noise):
-    return tr.write_given(nnx.merge(graphdef, params), lay, state, cache, x, noise)
+  def prefill_write(params, state, cache, x, key):
+    return tr.write_given(nnx.merge(graphdef, params), lay, state, cache, x, key)
 
   return jax.jit(prefill_write)
 
@@ -322,17 +313,9 @@ def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, car
   state, cache = tr.initial_carry(model, context, lay) if carry is None else carry
   graphdef, params = nnx.split(model)
   key = jax.random.key(0) if key is None else _key(key)
-
-  def write(g):  # whole chunks share one compile, a remainder one more (cached per process)
-    return _prefill_write(graphdef, dataclasses.replace(lay, chunk_frames=g))
-
-  start = 0
-  while start < n:
-    g = min(f, n - start)
-    x = latents[:, start : start + g]
-    noise = jax.random.normal(jax.random.fold_in(key, start), (1, x.shape[0], lay.state_frames * (lay.anchor == "adaptive") + g, *x.shape[2:]), jnp.float32)
-    state, cache = write(g)(params, state, cache, x, noise)
-    start += g
+  for start, g in tr.given_groups(n, f):  # whole chunks share one compile, a remainder one more
+    write = _prefill_write(graphdef, dataclasses.replace(lay, chunk_frames=g))
+    state, cache = write(params, state, cache, latents[:, start : start + g], jax.random.fold_in(key, start))
   return state, cache
 
 

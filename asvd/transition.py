@@ -235,13 +235,15 @@ def denoise(
     out = flow(m, lay, c, z, jnp.full((b, fz), t, jnp.float32), txt, probe=want_probe)
     return out if want_probe else (out, None)
 
+  def renoise(m, c, z, t, s, s_next, eps, txt):
+    """One sampler step that is not the last: predict `x0`, re-noise to `s_next` with fresh `eps`."""
+    v, _ = predict(m, c, z, t, False, txt)
+    return (1.0 - s_next) * (z - s * v) + s_next * eps
+
   if exit_step is None:
 
     def step(z, xs):
-      t, s, s_next, eps = xs
-      v, _ = predict(model, cache, z, t, False, cache.text)
-      x0 = z - s * v
-      return (1.0 - s_next) * x0 + s_next * eps, x0
+      return renoise(model, cache, z, *xs, cache.text), None
 
     # All but the last step in a scan (one traced model call); the last one may probe.
     z = noise[0].astype(jnp.float32)
@@ -258,12 +260,8 @@ def denoise(
   noise = jax.lax.stop_gradient(noise)
 
   def pre_step(z, xs):
-    i, t, s, s_next, eps = xs
-
-    def run(z):
-      v, _ = predict(fixed, cache_sg, z, t, False, cache_sg.text)
-      return (1.0 - s_next) * (z - s * v) + s_next * eps
-
+    i, *step_xs = xs
+    run = lambda z: renoise(fixed, cache_sg, z, *step_xs, cache_sg.text)
     return jax.lax.cond(i < exit_step, run, lambda z: z, z), None
 
   z = noise[0].astype(jnp.float32)
@@ -277,8 +275,11 @@ def denoise(
   return x0, (aux["share"] if probe else None)
 
 
-def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: jax.Array) -> Cache:
-  """Step 4: the clean re-run at the context timestep writes the cache (no gradient)."""
+def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: jax.Array | None) -> Cache:
+  """Step 4: the clean re-run at the context timestep writes the cache (no gradient).
+
+  `noise[-1]` noises the re-run's input when `lay.context_noise`; otherwise `noise` is unused.
+  """
   x0 = jax.lax.stop_gradient(x0)
   slot_pos, z_pos = _positions(lay, cache)
   b, fz = x0.shape[:2]
@@ -353,17 +354,38 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
   )
 
 
-def write_given(model: WanDiT, lay: Layout, state, cache: Cache, x, noise):
+def write_given(model: WanDiT, lay: Layout, state, cache: Cache, x, key=None):
   """Writes given clean frames `x [B, g, H, W, C]` (g = `lay.chunk_frames`) into the cache as
   if the transition had generated them: the clean re-run of step 4, with, in `adaptive` mode,
   the last given frame as the state (`train.state_init_target = "last_frame"`). Used by
-  `asvd.prefill` (conditioning) and by teacher-forced training. Returns `(state, cache)`.
+  `asvd.prefill` (conditioning) and by teacher-forced training. `key` draws the re-run's noise
+  when the layout noises it (`Layout.context_noise`). Returns `(state, cache)`.
   """
   if lay.anchor == "adaptive":
     fs, g = lay.state_frames, x.shape[1]
     state = x[:, -fs:] if g >= fs else jnp.concatenate([state[:, g:], x], axis=1)
     x = jnp.concatenate([state, x], axis=1)
+  noise = None
+  if lay.context_noise:
+    if key is None:
+      raise UsageError("the clean re-run is noised (sampler.context_timestep > 0 or context_sigma='table'): pass a key")
+    noise = jax.random.normal(key, (1, *x.shape), jnp.float32)
   return state, write_cache(model, lay, cache, x, noise)
+
+
+def given_groups(n: int, chunk_frames: int) -> list[tuple[int, int]]:
+  """`[(start, size)]`: given frames are written chunk by chunk, the remainder as a smaller group."""
+  return [(s, min(chunk_frames, n - s)) for s in range(0, n, chunk_frames)]
+
+
+def check_absolute(lay: Layout, first_chunk: int, num_chunks: int | None) -> None:
+  """The absolute preset's buffer holds `absolute_frames`: one error for every entry point."""
+  if lay.absolute and num_chunks is not None and (first_chunk + num_chunks) * lay.chunk_frames > lay.window_frames:
+    raise UsageError(
+      f"the absolute Self-Forcing preset holds {lay.window_frames} frames (rollout.absolute_frames): "
+      f"at most {lay.window_frames // lay.chunk_frames} chunks, asked for chunks {first_chunk}.."
+      f"{first_chunk + num_chunks - 1}"
+    )
 
 
 def recache(model: WanDiT, lay: Layout, cache: Cache, text) -> Cache:
@@ -509,11 +531,8 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
   def transition(state, cache, noise):
     if tuple(noise.shape) != want:
       raise UsageError(f"noise has shape {tuple(noise.shape)}; this transition expects {want} [steps, B, Fz, H, W, C]")
-    if lay.absolute and (int(cache.chunk) + 1) * lay.chunk_frames > lay.window_frames:
-      raise UsageError(
-        f"the absolute Self-Forcing preset holds {lay.window_frames} frames (rollout.absolute_frames): "
-        f"chunk {int(cache.chunk)} would write past its end"
-      )
+    if lay.absolute:  # reading the counter syncs, so only the preset (at most 7 chunks) pays it
+      check_absolute(lay, int(cache.chunk), 1)
     return step(params, state, cache, noise)
 
   transition.layout = lay

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -193,11 +193,6 @@ def read_video(path: str) -> np.ndarray:
   """Every frame of a video at its own size, uint8 `[T, H, W, 3]` (no fork of this process)."""
   h, w = video_size(path)
   return read_frames(path, (h, w))
-
-
-def iter_chunks(frames: np.ndarray, size: int) -> Iterator[np.ndarray]:
-  for i in range(0, len(frames), size):
-    yield frames[i : i + size]
 
 
 __all__ = ["write_mp4", "read_frames", "read_video", "video_size", "latent_preview", "to_uint8"]

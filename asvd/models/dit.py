@@ -81,6 +81,10 @@ class DiTConfig:
   lora_rank: int = 0
   lora_alpha: float = 0.0  # scale = alpha / rank (0: alpha = rank)
 
+  # Fields that choose how the network computes, not what it is: a checkpoint defines the
+  # architecture, a config may still set these (`compute_settings`).
+  COMPUTE_FIELDS = ("attention", "remat", "scan_layers")
+
   @property
   def lora_kw(self) -> dict:
     r = int(self.lora_rank)
@@ -580,6 +584,13 @@ class WanDiT(nnx.Module):
 # ------------------------------------------------------------------------------------------------
 # Construction helpers.
 # ------------------------------------------------------------------------------------------------
+
+
+def compute_settings(model_config: Any) -> dict:
+  """`{attention, remat, scan_layers}` of a `model` config section: what to pass as overrides
+  when loading a checkpoint so the config still chooses how it computes."""
+  cfg = DiTConfig.from_config(model_config)
+  return {k: getattr(cfg, k) for k in DiTConfig.COMPUTE_FIELDS}
 
 
 def init_dit(model_config: Any, key: jax.Array | int = 0) -> WanDiT:

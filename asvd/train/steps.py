@@ -119,20 +119,16 @@ def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: f
   """
   b, t_total = latents.shape[:2]
   f, wp, fs = lay.chunk_frames, lay.window_frames, lay.state_frames
-  k_off, k_first, k_loss = jax.random.split(key, 3)
+  k_off, k_first, k_loss, k_ctx = jax.random.split(key, 4)
   o = jax.random.randint(k_off, (), 0, t_total - wp - f + 1)
   ctx_frames = jax.lax.dynamic_slice_in_dim(latents, o, wp, axis=1)
   chunk = jax.lax.dynamic_slice_in_dim(latents, o + wp, f, axis=1)
   text = model.text_kv(text_ctx)  # live: the text path learns
   fixed = tr.frozen(model)
   state, cache = tr.empty_carry(model, jax.lax.stop_gradient(text), lay)
-  start = 0
-  while start < wp:  # the context, chunk by chunk, as prefill writes it
-    g = min(f, wp - start)
+  for start, g in tr.given_groups(wp, f):  # the context, chunk by chunk, as prefill writes it
     sub = dataclasses.replace(lay, chunk_frames=g)
-    zeros = jnp.zeros((1, b, fs * (lay.anchor == "adaptive") + g, *latents.shape[2:]), jnp.float32)
-    state, cache = tr.write_given(fixed, sub, state, cache, ctx_frames[:, start : start + g], zeros)
-    start += g
+    state, cache = tr.write_given(fixed, sub, state, cache, ctx_frames[:, start : start + g], jax.random.fold_in(k_ctx, start))
   cache = jax.lax.stop_gradient(cache)
   first = jax.random.bernoulli(k_first, first_chunk_prob, (b,))
   cache = cache.replace(valid=cache.valid & ~first[:, None])
