@@ -103,7 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
       causal_init=dict(steps=1000, lr=1e-5, init="", first_chunk_prob=0.25),
       dmd=dict(
         steps=600,
-        init="",
+        init="",  # generator checkpoint (default: this workdir's causal_init model)
+        teacher="",  # teacher (and critic init) checkpoint (default: this workdir's teacher model)
         generator_lr=2e-6,
         critic_lr=4e-7,
         critic_per_generator=5,  # critic updates per generator update

@@ -93,6 +93,21 @@ def test_workdir_with_another_config_is_refused(trained, tmp_path):
   assert p.returncode == 2 and "train.horizon_alpha" in p.stderr
 
 
+def test_workdir_holding_user_files_is_refused(tmp_path):
+  work = tmp_path / "mine"
+  work.mkdir()
+  (work / "metrics.jsonl").write_text("my own notes, not JSON\n")
+  p = subprocess.run([*TRAIN, "--workdir", str(work)], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 2 and "--workdir" in p.stderr and "did not make" in p.stderr
+  assert (work / "metrics.jsonl").read_text() == "my own notes, not JSON\n"
+  assert sorted(os.listdir(work)) == ["metrics.jsonl"]
+
+
+def test_dmd_without_a_teacher_is_one_error(tmp_path):
+  p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "w"), "--config.train.stages=('dmd',)", "--config.train.dmd.steps=1"], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 2 and "train.dmd.teacher" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_non_finite_loss_names_step_and_subtree(tmp_path):
   p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "nan"), "--config.train.stages=('teacher',)", "--config.train.teacher.lr=1e30", "--config.train.optimizer.clip_norm=1e30"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 2, p.stderr[-2000:]
@@ -249,12 +264,10 @@ def test_sigterm_saves_and_resumes(trained, tmp_path):
 @pytest.mark.parametrize("anchor", ["sink", "ema", "none"])
 def test_every_anchor_mode_trains_with_the_same_code(tmp_path, anchor):
   lora = ["--config.train.lora.rank=4"] if anchor == "none" else []  # one of them with LoRA adapters
-  args = [*lora, "--config.train.stages=('causal_init','dmd')", "--config.train.causal_init.steps=2", "--config.train.dmd.steps=2", f"--config.rollout.anchor={anchor}", "--config.train.dmd.init=", "--config.train.optimizer.grad_accum=2"]
-  # No teacher stage: DMD must be told where the teacher is (here: an asvd checkpoint of a random one).
+  # No teacher stage: DMD is told where the teacher is (an asvd checkpoint of a random one).
   teacher = tmp_path / "teacher_ck"
   asvd.save_dit(asvd.init_dit(asvd.load_config("configs/tiny.py").model, 5), teacher)
-  (tmp_path / "run" / "teacher").mkdir(parents=True)
-  os.symlink(teacher, tmp_path / "run" / "teacher" / "model")
+  args = [*lora, "--config.train.stages=('causal_init','dmd')", "--config.train.causal_init.steps=2", "--config.train.dmd.steps=2", f"--config.rollout.anchor={anchor}", f"--config.train.dmd.teacher={teacher}", "--config.train.optimizer.grad_accum=2"]
   p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "run"), *args, "--config.train.dmd.teacher_dtype=bfloat16"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 0, p.stderr[-3000:]
   recs = [json.loads(x) for x in lines(tmp_path / "run")]

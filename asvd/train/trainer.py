@@ -11,7 +11,8 @@ Stages (`train.stages`): `teacher` (bidirectional flow matching), `causal_init` 
 with the [anchor; window; chunk] geometry, starting from the teacher), `dmd` (Self-Forcing DMD
 with the adaptive state: generator from `causal_init`, critic and frozen teacher from `teacher`).
 Each stage starts from, in this order: its own latest checkpoint in the workdir, the explicit
-`train.<stage>.init` checkpoint or the previous stage's `model`, or scratch.
+`train.<stage>.init` checkpoint (`train.dmd.teacher` for DMD's teacher and critic), the previous
+stage's `model`, or scratch (never for DMD's teacher).
 
 Saves are asynchronous, every `train.checkpoint_every` steps, at the end, and on SIGTERM (then
 the run stops; the same command resumes it). After a SIGKILL, the same command resumes from the
@@ -35,6 +36,7 @@ from flax import nnx
 from asvd import transition as tr
 from asvd.ckpt.common import CheckpointError
 from asvd.errors import UsageError
+from asvd.models.dit import compute_settings
 from asvd.models.lora import add_lora, merge_lora, split_lora
 from asvd.train import steps as st
 from asvd.train.rollout import merge
@@ -85,9 +87,16 @@ def layout(cfg) -> tr.Layout:
   return tr.make_layout(cfg.rollout, DiTConfig.from_config(cfg.model), None, cfg.sampler)
 
 
+MARKER = ".asvd_train"
+
+
 def _check_workdir(workdir: str, cfg) -> None:
+  """A workdir is new, empty, or one that `asvd train` made (it holds `MARKER`): asvd rewrites
+  `config.json` and `metrics.jsonl` there, so it never adopts a folder holding a user's files."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UsageError(f"--workdir {workdir}: exists and is not a folder")
+  if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.isfile(os.path.join(workdir, MARKER)):
+    raise UsageError(f"--workdir {workdir}: a folder that asvd train did not make (no {MARKER}); use a new or empty folder")
   path = os.path.join(workdir, "config.json")
   mine = json.loads(cfg.to_json())
   if os.path.isfile(path):
@@ -100,6 +109,7 @@ def _check_workdir(workdir: str, cfg) -> None:
   os.makedirs(workdir, exist_ok=True)
   from asvd.outputs import write_text_atomic  # noqa: PLC0415
 
+  write_text_atomic(os.path.join(workdir, MARKER), "a run folder of `asvd train`\n")
   write_text_atomic(path, json.dumps(mine, indent=2))
 
 
@@ -158,15 +168,10 @@ def _check_finite(stage: str, step: int, metrics: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _split(model):
-  graphdef, params = nnx.split(model)
-  return graphdef, params
-
-
 def _trainable(model, lora_rank: int, alpha: float, seed: int):
   """`(graphdef, trainable params, frozen rest or None)`: all parameters, or LoRA adapters only."""
   if not lora_rank:
-    graphdef, params = _split(model)
+    graphdef, params = nnx.split(model)
     return graphdef, params, None
   return split_lora(add_lora(model, lora_rank, float(alpha) or None, key=seed))
 
@@ -179,22 +184,19 @@ def _init_model(cfg, stage: str, workdir: str, which: str, seed: int):
   """The network a stage starts from: explicit init > previous stage's model > scratch."""
   import asvd  # noqa: PLC0415
 
-  explicit = cfg.train[stage].get("init", "")
-  source = {"teacher": None, "causal_init": "teacher", "dmd": {"generator": "causal_init", "critic": "teacher", "teacher": "teacher"}[which]}[stage]
-  if explicit and which == "generator":
-    path = explicit
-  elif source is not None and os.path.isdir(_stage_model(workdir, source)):
-    path = _stage_model(workdir, source)
-  elif explicit:
-    path = explicit
-  else:
-    path = None
+  # The explicit checkpoint: train.<stage>.init for the trained network, train.dmd.teacher for
+  # DMD's teacher and critic. Else the previous stage's model in this workdir.
+  score = stage == "dmd" and which in ("teacher", "critic")
+  explicit = cfg.train.dmd.teacher if score else cfg.train[stage].get("init", "")
+  previous = {"teacher": None, "causal_init": "teacher", "dmd": "teacher" if score else "causal_init"}[stage]
+  path = explicit or None
+  if path is None and previous is not None and os.path.isdir(_stage_model(workdir, previous)):
+    path = _stage_model(workdir, previous)
   if path is None:
-    if stage == "dmd" and which in ("teacher", "critic"):
-      raise UsageError(f"train stage dmd needs a teacher: run the teacher stage first, or set train.dmd.init / keep {_stage_model(workdir, 'teacher')}")
+    if score:
+      raise UsageError(f"train stage dmd needs a teacher: run the teacher stage first (it writes {_stage_model(workdir, 'teacher')}), or set train.dmd.teacher")
     return asvd.init_dit(cfg.model, jax.random.key(seed)), "scratch"
-  compute = {k: cfg.model[k] for k in ("attention", "remat", "scan_layers")}
-  return asvd.load_dit(path, dtype=jnp.dtype(cfg.model.param_dtype), **compute), path
+  return asvd.load_dit(path, dtype=jnp.dtype(cfg.model.param_dtype), **compute_settings(cfg.model)), path
 
 
 def _optimizer(cfg, stage, which="generator"):
@@ -280,7 +282,7 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
       critic_model, _ = _init_model(cfg, stage, workdir, "critic", seed + 1)
       teacher_model, _ = _init_model(cfg, stage, workdir, "teacher", seed + 2)
       critic_graphdef, critic, critic_frozen = _trainable(critic_model, lora, t.lora.alpha, seed + 1)
-      score_graphdef, teacher = _split(teacher_model)
+      score_graphdef, teacher = nnx.split(teacher_model)
       if t.dmd.teacher_dtype != "float32":
         teacher = jax.tree.map(lambda x: x.astype(jnp.dtype(t.dmd.teacher_dtype)), teacher)
       critic_tx = _optimizer(cfg, stage, "critic")
