@@ -92,7 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0,
       checkpoint_every=100,  # steps between (asynchronous) checkpoints
       keep=3,  # checkpoints kept per stage
-      log_every=1,  # steps between metrics.jsonl lines
+      log_every=1,  # steps between metrics.jsonl (and TensorBoard) lines
+      sample_every=200,  # steps between sample videos (mp4 + TensorBoard); 0: none
+      sample_chunks=7,  # chunks per sample video of a causal network
       optimizer=dict(b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0, grad_accum=1),
       # LoRA: rank-r adapters on the blocks' linear layers of the trained networks (generator and
       # critic in dmd) of these stages; only the adapters train; final models are merged.
@@ -100,7 +102,18 @@ def base_config() -> ml_collections.ConfigDict:
       # synthetic_pan (generated) | video_folder (folder + weights) | a prepared TFDS name
       data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0, folder="", weights=""),
       teacher=dict(steps=1000, lr=1e-4, init=""),
-      causal_init=dict(steps=1000, lr=1e-5, init="", first_chunk_prob=0.25),
+      causal_init=dict(
+        steps=1000,
+        lr=1e-5,
+        init="",
+        first_chunk_prob=0.25,
+        # "ode": regression on the frozen teacher's ODE trajectories (CausVid / Self-Forcing
+        # ode_init; needs prompts only); "teacher_forcing": flow matching on the data's clips.
+        method="ode",
+        teacher="",  # the ODE teacher (default: train.dmd.teacher, else this workdir's teacher model)
+        ode_steps=40,  # the teacher's Euler steps per trajectory
+        ode_cfg_scale=3.0,  # Self-Forcing's form cond + s (cond - uncond), as dmd.cfg_scale
+      ),
       dmd=dict(
         steps=600,
         init="",  # generator checkpoint (default: this workdir's causal_init model)
@@ -117,7 +130,12 @@ def base_config() -> ml_collections.ConfigDict:
         replay=False,  # generator gradient by chunk replay: O(one chunk) memory for any length
         min_sigma=0.02,
         max_sigma=0.98,
-        teacher_dtype="float32",  # "bfloat16" keeps the frozen teacher in bf16
+        # Wan teachers: re-encode the first latent of windows that start mid-rollout as an image
+        # latent (decode, last pixel frame, encode). Needs a VAE: `reencode_vae`, else
+        # train.data.weights of video_folder data; synthetic latents have none and skip it.
+        reencode_first=True,
+        reencode_vae="",
+        teacher_dtype="float32",  # "bfloat16" keeps the frozen teacher in bf16 (ODE init too)
       ),
     )
   )

@@ -19,9 +19,9 @@ def get_config(arg=None):
   # `asvd train --config configs/tiny.py --workdir DIR`: teacher -> causal init -> DMD with the
   # adaptive state on the synthetic panning dataset, in about 2 minutes on 2 CPU cores.
   t = c.train
-  t.update(horizon_frames=6, batch_size=2, checkpoint_every=5, keep=2)
+  t.update(horizon_frames=6, batch_size=2, checkpoint_every=5, keep=2, sample_every=10, sample_chunks=4)
   t.data.update(frames=9, clips=32)
   t.teacher.update(steps=20, lr=1e-3)
-  t.causal_init.update(steps=20, lr=1e-3)
+  t.causal_init.update(steps=20, lr=1e-3, ode_steps=8)
   t.dmd.update(steps=10, generator_lr=1e-4, critic_lr=1e-4, rollout_chunks=3, ema_start=0)
   return c

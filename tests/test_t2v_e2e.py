@@ -210,10 +210,51 @@ def test_video_folder_dataset_trains(weights, tmp_path):
   np.testing.assert_allclose(ex["b.mp4[0:9]"]["latents"], want_lat, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(ex["b.mp4[0:9]"]["text"], np.float32), want_txt, rtol=1e-3, atol=1e-3)  # stored as float16
   assert not np.allclose(ex["a.mp4[0:9]"]["text"], ex["b.mp4[0:9]"]["text"])
-  # ... and it trains (the teacher stage on it).
-  p = run("train", "--config", str(cfg_path), "--workdir", str(tmp_path / "run"), "--no-progress", *over, "--config.train.stages=('teacher',)", "--config.train.teacher.steps=2", "--config.train.batch_size=2")
+  # ... and it trains: the teacher on it, then DMD from that teacher, whose windows starting
+  # mid-rollout (rollouts of 6 frames, H = 3) get their first latent re-encoded by the VAE.
+  dmd = ["--config.train.dmd.steps=1", "--config.train.dmd.rollout_chunks=2", "--config.train.state_dmd=False", "--config.train.sample_every=0"]
+  p = run("train", "--config", str(cfg_path), "--workdir", str(tmp_path / "run"), "--no-progress", *over, *dmd, "--config.train.stages=('teacher','dmd')", "--config.train.teacher.steps=2", "--config.train.batch_size=2")
   assert p.returncode == 0, p.stderr[-3000:]
+  assert f"re-encoded by the VAE in {root}" in p.stderr
+  assert [json.loads(x)["stage"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == ["teacher"] * 2 + ["dmd"]
   # A missing caption is one clear line naming the file.
   (clips / "c.mp4").write_bytes((clips / "a.mp4").read_bytes())
   p = run("train", "--config", str(cfg_path), "--workdir", str(tmp_path / "run2"), "--no-progress", *over, "--config.train.stages=('teacher',)")
   assert p.returncode == 2 and "no caption for c.mp4" in p.stderr
+
+
+def test_dmd_reencodes_the_first_latent_of_mid_rollout_windows(weights):
+  """method.md, Training 4, against the VAE's public decode / encode on each window's own prefix:
+  the first latent of a window starting at `s` is the image latent of the last pixel frame of
+  latent `s`; a state-led window (state_dmd) and the window at 0 keep theirs."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  import asvd  # noqa: PLC0415
+  from asvd import pipeline  # noqa: PLC0415
+  from asvd.train import steps as st  # noqa: PLC0415
+  from asvd.train.trainer import layout  # noqa: PLC0415
+
+  root, cfg_path = weights
+  cfg = asvd.load_config(str(cfg_path))
+  lay = layout(cfg)
+  vae = pipeline.load_encoders(str(root), cfg)[2]
+  rng = np.random.default_rng(0)
+  frames = jnp.asarray(rng.normal(size=(2, 9, 4, 4, 16)), jnp.float32)
+  states = jnp.asarray(rng.normal(size=(2, 3, 1, 4, 4, 16)), jnp.float32)
+
+  def image_latent(s):
+    px = vae.decode(frames[:, : s + 1])
+    return np.asarray(vae.encode(px[:, -1:]))[:, 0]
+
+  # H = 4, F = 3: windows start at 0, 3 (a chunk boundary: the state's with state_dmd) and 5.
+  for state_dmd in (False, True):
+    wins, ends = st.dmd_windows(frames, states, lay, 4, state_dmd, vae)
+    assert ends == [4, 7, 9]
+    np.testing.assert_array_equal(wins[0], frames[:, :4])
+    want3 = np.asarray(states[:, 0, -1]) if state_dmd else image_latent(3)
+    np.testing.assert_allclose(wins[1][:, 0], want3, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(wins[2][:, 0], image_latent(5), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(wins[1][:, 1:], frames[:, 4:7])
+    np.testing.assert_array_equal(wins[2][:, 1:], frames[:, 6:9])
+  assert np.abs(image_latent(5) - np.asarray(frames[:, 5])).max() > 0.1  # a real replacement
+

@@ -51,6 +51,40 @@ def test_default_run_writes_models_and_metrics(trained, tmp_path):
   assert np.load(tmp_path / "g" / "latents.npy").shape == (1, 6, 8, 8, 16)
 
 
+def test_tensorboard_scalars_and_sample_videos(trained):
+  """TensorBoard's own reader sees every logged scalar and the sample videos; the samples are
+  the trained networks run as inference runs them (the DMD sample at its last step is the
+  exported EMA model's rollout), also written as mp4."""
+  import io  # noqa: PLC0415
+
+  from PIL import Image, ImageSequence  # noqa: PLC0415
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+
+  from asvd.data.pipeline import data_source  # noqa: PLC0415
+  from asvd.train.writers import preview  # noqa: PLC0415
+  from asvd.video import read_video  # noqa: PLC0415
+
+  recs = [json.loads(x) for x in lines(trained)]
+  cfg = asvd.load_config("configs/tiny.py")
+  for stage, frames in (("teacher", 6), ("causal_init", 12), ("dmd", 12)):
+    acc = event_accumulator.EventAccumulator(str(trained / "tensorboard" / stage), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    mine = [r for r in recs if r["stage"] == stage]
+    got = acc.Scalars("loss")
+    assert [e.step for e in got] == [r["step"] for r in mine]
+    np.testing.assert_allclose([e.value for e in got], [r["loss"] for r in mine], rtol=1e-6)
+    assert set(acc.Tags()["scalars"]) == set().union(*mine) - {"stage", "step"}
+    imgs = acc.Images("sample")
+    assert [e.step for e in imgs] == list(range(10, cfg.train[stage].steps + 1, 10))
+    gif = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(io.BytesIO(imgs[-1].encoded_image_string)))])
+    assert gif.shape == (frames, 64, 64, 3)
+    mp4 = read_video(str(trained / stage / "samples" / f"step_{imgs[-1].step:06d}.mp4"))
+    assert mp4.shape == gif.shape and np.abs(mp4.astype(float) - gif).mean() < 6  # h264 is lossy
+  text = jnp.asarray(data_source(cfg, (8, 8), str(trained / "data"))[0]["text"])[None]
+  lat, _ = asvd.rollout(asvd.load_dit(trained / "dmd" / "model"), text, jax.random.PRNGKey(0), num_chunks=4, config=cfg.rollout, sampler_config=cfg.sampler)
+  assert np.abs(preview(np.asarray(lat)[0]).astype(float) - gif).mean() < 0.5  # GIF palette
+
+
 def test_sigkill_and_rerun_reproduces_metrics_bit_exactly(trained, tmp_path):
   work = tmp_path / "run"
   proc = subprocess.Popen([*TRAIN, "--workdir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
@@ -163,8 +197,41 @@ def test_teacher_and_causal_init_losses_decrease(tiny):
   cfg, lay, batch = tiny
   g, tx, state = fresh(cfg, 1e-3)
   assert_decreasing(run_fixed_key(jax.jit(st.teacher_step(g, tx, cfg)), state, 4, batch))
+  cfg_tf = cfg.copy_and_resolve_references()
+  cfg_tf.train.causal_init.method = "teacher_forcing"
+  g, tx, state = fresh(cfg_tf, 1e-3, seed=1)
+  assert_decreasing(run_fixed_key(jax.jit(st.causal_init_step(g, tx, cfg_tf, lay)), state, 4, batch))
+  # ODE regression from a (random) frozen teacher's trajectories.
+  assert cfg.train.causal_init.method == "ode"
   g, tx, state = fresh(cfg, 1e-3, seed=1)
-  assert_decreasing(run_fixed_key(jax.jit(st.causal_init_step(g, tx, cfg, lay)), state, 4, batch))
+  _, teacher = nnx.split(asvd.init_dit(cfg.model, 7))
+  step = jax.jit(st.causal_init_step(g, tx, cfg, lay, g))
+  assert_decreasing(run_fixed_key(step, state, 4, batch, st.Frozen(teacher=teacher)))
+
+
+def test_ode_trajectory_is_the_teachers_euler_ode_recorded_at_the_student_sigmas(tiny):
+  """Against a plain Python loop of Euler steps with CFG, written here from the formulas."""
+  cfg, lay, batch = tiny
+  steps, shift, scale = 6, float(cfg.sampler.shift), 3.0
+  grid, record = st.ode_grid(lay, steps, shift)
+  assert grid[0] == 1.0 and grid[-1] == 0.0 and np.all(np.diff(grid) < 0)
+  np.testing.assert_array_equal(grid[record], np.asarray(lay.sigmas))  # the student's sigmas are grid points
+  teacher = asvd.init_dit(cfg.model, 3)
+  key = jax.random.PRNGKey(4)
+  path = st.teacher_trajectory(teacher, lay, batch["text"], key, 6, steps, shift, scale)
+  assert path.shape == (2, len(lay.sigmas) + 1, 6, *lay.latent_hw, 16)
+  x = np.asarray(jax.random.normal(key, (2, 6, *lay.latent_hw, 16)))
+  cond_kv, unc_kv = teacher.text_kv(batch["text"]), teacher.text_kv(jnp.zeros_like(batch["text"]))
+  seen = {}
+  u = np.linspace(1, 0, steps + 1)
+  sig = sorted(set((shift * u / (1 + (shift - 1) * u)).tolist()) | set(lay.sigmas), reverse=True)
+  for s, s_next in zip(sig[:-1], sig[1:], strict=True):
+    seen[s] = x
+    t = jnp.full((2, 6), 1000.0 * s)
+    c, n = np.asarray(teacher(jnp.asarray(x), t, cond_kv)), np.asarray(teacher(jnp.asarray(x), t, unc_kv))
+    x = x + (s_next - s) * (c + scale * (c - n))
+  want = np.stack([seen[s] for s in lay.sigmas] + [x], axis=1)
+  np.testing.assert_allclose(np.asarray(path), want, atol=2e-5, rtol=0)
 
 
 def test_dmd_generator_and_critic_losses_decrease(tiny, trained):
@@ -267,7 +334,8 @@ def test_every_anchor_mode_trains_with_the_same_code(tmp_path, anchor):
   # No teacher stage: DMD is told where the teacher is (an asvd checkpoint of a random one).
   teacher = tmp_path / "teacher_ck"
   asvd.save_dit(asvd.init_dit(asvd.load_config("configs/tiny.py").model, 5), teacher)
-  args = [*lora, "--config.train.stages=('causal_init','dmd')", "--config.train.causal_init.steps=2", "--config.train.dmd.steps=2", f"--config.rollout.anchor={anchor}", f"--config.train.dmd.teacher={teacher}", "--config.train.optimizer.grad_accum=2"]
+  method = ["--config.train.causal_init.method=teacher_forcing"] if anchor == "ema" else []  # others: ODE
+  args = [*lora, *method, "--config.train.stages=('causal_init','dmd')", "--config.train.causal_init.steps=2", "--config.train.dmd.steps=2", f"--config.rollout.anchor={anchor}", f"--config.train.dmd.teacher={teacher}", "--config.train.optimizer.grad_accum=2"]
   p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "run"), *args, "--config.train.dmd.teacher_dtype=bfloat16"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 0, p.stderr[-3000:]
   recs = [json.loads(x) for x in lines(tmp_path / "run")]

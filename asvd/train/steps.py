@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -42,11 +43,13 @@ class TrainState:
 @struct.dataclass
 class Frozen:
   """What a step reads but never trains, passed as an argument (not baked into the program):
-  the non-adapter weights of LoRA runs (`generator`, `critic`) and DMD's frozen `teacher`."""
+  the non-adapter weights of LoRA runs (`generator`, `critic`), the frozen `teacher` (ODE init
+  and DMD) and DMD's re-encoding `vae`."""
 
   generator: Any = None
   critic: Any = None
   teacher: Any = None
+  vae: Any = None  # the Wan VAE that re-encodes mid-rollout windows' first latents (DMD)
 
 
 def optimizer(lr: float, opt_cfg) -> optax.GradientTransformation:
@@ -106,6 +109,26 @@ def teacher_step(graphdef, tx, cfg):
 # ------------------------------------------------------------------------------------------------
 
 
+def _context_cache(model, lay: tr.Layout, ctx_frames, text, key, first):
+  """The cache a chunk sees after the clean context `ctx_frames [B, Wp, ...]`, written into an
+  empty cache exactly as generated frames are (`transition.write_given`, frozen weights, no
+  gradient), and emptied for the samples where `first [B]` (the first chunk of a video)."""
+  fixed = tr.frozen(model)
+  state, cache = tr.empty_carry(model, jax.lax.stop_gradient(text), lay)
+  for start, g in tr.given_groups(ctx_frames.shape[1], lay.chunk_frames):  # chunk by chunk, as prefill
+    sub = dataclasses.replace(lay, chunk_frames=g)
+    state, cache = tr.write_given(fixed, sub, state, cache, ctx_frames[:, start : start + g], jax.random.fold_in(key, start))
+  cache = jax.lax.stop_gradient(cache)
+  return cache.replace(valid=cache.valid & ~first[:, None])
+
+
+def _state_target(lay: tr.Layout, first, ctx_frames, chunk):
+  """`train.state_init_target = "last_frame"`: the state's target is the context's last frame, or
+  the chunk's first for a first chunk (empty cache)."""
+  fs = lay.state_frames
+  return jnp.where(first[:, None, None, None, None], chunk[:, :fs], ctx_frames[:, -fs:])
+
+
 def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: float, first_chunk_prob: float):
   """Flow matching of one chunk (and the state) against a cache written from clean frames.
 
@@ -118,24 +141,17 @@ def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: f
   state target is the chunk's first frame.
   """
   b, t_total = latents.shape[:2]
-  f, wp, fs = lay.chunk_frames, lay.window_frames, lay.state_frames
+  f, wp = lay.chunk_frames, lay.window_frames
   k_off, k_first, k_loss, k_ctx = jax.random.split(key, 4)
   o = jax.random.randint(k_off, (), 0, t_total - wp - f + 1)
   ctx_frames = jax.lax.dynamic_slice_in_dim(latents, o, wp, axis=1)
   chunk = jax.lax.dynamic_slice_in_dim(latents, o + wp, f, axis=1)
   text = model.text_kv(text_ctx)  # live: the text path learns
-  fixed = tr.frozen(model)
-  state, cache = tr.empty_carry(model, jax.lax.stop_gradient(text), lay)
-  for start, g in tr.given_groups(wp, f):  # the context, chunk by chunk, as prefill writes it
-    sub = dataclasses.replace(lay, chunk_frames=g)
-    state, cache = tr.write_given(fixed, sub, state, cache, ctx_frames[:, start : start + g], jax.random.fold_in(k_ctx, start))
-  cache = jax.lax.stop_gradient(cache)
   first = jax.random.bernoulli(k_first, first_chunk_prob, (b,))
-  cache = cache.replace(valid=cache.valid & ~first[:, None])
+  cache = _context_cache(model, lay, ctx_frames, text, k_ctx, first)
   target = chunk
   if lay.anchor == "adaptive":
-    state_target = jnp.where(first[:, None, None, None, None], chunk[:, :fs], ctx_frames[:, -fs:])
-    target = jnp.concatenate([state_target, chunk], axis=1)
+    target = jnp.concatenate([_state_target(lay, first, ctx_frames, chunk), target], axis=1)
 
   def predict(xt, t):
     return tr.flow(model, lay, cache, xt, t, text)
@@ -143,16 +159,98 @@ def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: f
   return losses.flow_matching_loss(predict, target, k_loss, shift)
 
 
-def causal_init_step(graphdef, tx, cfg, lay: tr.Layout):
-  shift = float(cfg.sampler.shift)
-  p_first = float(cfg.train.causal_init.first_chunk_prob)
+# ODE regression (CausVid / Self-Forcing `ode_init`): the frozen bidirectional teacher samples a
+# clip of `H` latent frames by its probability-flow ODE (Euler, many steps, CFG) and records it at
+# the student's few denoising sigmas; the causal student learns to map each recorded point of a
+# chunk straight to the teacher's clean result, with the teacher's clean frames as its context.
+
+
+def ode_grid(lay: tr.Layout, steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+  """`(sigmas [N + 1], record [K])`: the teacher's Euler grid from 1 to 0 (`steps` shifted-uniform
+  steps, with the student's `K` sigmas inserted) and the grid index of each student sigma."""
+  u = np.linspace(1.0, 0.0, int(steps) + 1)
+  grid = shift * u / (1.0 + (shift - 1.0) * u)
+  grid = np.unique(np.concatenate([grid, np.asarray(lay.sigmas, np.float64)]))[::-1]
+  record = np.asarray([int(np.argmin(np.abs(grid - s))) for s in lay.sigmas])
+  return grid, record
+
+
+def teacher_trajectory(teacher, lay: tr.Layout, text_ctx, key, frames: int, steps: int, shift: float, cfg_scale: float):
+  """The teacher's ODE sample of `frames` latent frames from fresh noise, recorded at the
+  student's sigmas: `[B, K + 1, frames, H, W, C]` (index `K` is the clean result). CFG in
+  Self-Forcing's form `cond + s (cond - uncond)`, the unconditional text all zeros."""
+  b, c = text_ctx.shape[0], teacher.cfg.out_channels
+  grid, record = ode_grid(lay, steps, shift)
+  text = teacher.text_kv(text_ctx)
+  uncond = teacher.text_kv(jnp.zeros_like(text_ctx))
+  x = jax.random.normal(key, (b, frames, *lay.latent_hw, c), jnp.float32)
+
+  def euler(x, sig):
+    s, s_next = sig[0], sig[1]
+    t = jnp.full((b, frames), 1000.0 * s, jnp.float32)
+    cond = teacher(x, t, text).astype(jnp.float32)
+    v = cond + cfg_scale * (cond - teacher(x, t, uncond).astype(jnp.float32))
+    return x + (s_next - s) * v, x
+
+  sig = jnp.asarray(np.stack([grid[:-1], grid[1:]], axis=1), jnp.float32)
+  x0, xs = jax.lax.scan(euler, x, sig)  # xs[i]: the sample at grid[i]
+  path = jnp.concatenate([xs[record], x0[None]], axis=0)  # [K + 1, B, frames, ...]
+  return jax.lax.stop_gradient(jnp.moveaxis(path, 0, 1))
+
+
+def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_prob: float):
+  """Mean squared error of the student's `x0` from a recorded point of the teacher's ODE.
+
+  `path [B, K + 1, T, ...]` is `teacher_trajectory`. A random offset picks `Wp` context frames of
+  the clean result (written as `teacher_forcing_loss` writes them) and the chunk after them; a
+  random step `k` per sample gives the chunk's input (its point at sigma `k`) and timestep. The
+  target is the chunk's clean result; in `adaptive` mode the state (target as in teacher forcing)
+  joins at the same sigma, noised with fresh noise, since the teacher has no state.
+  """
+  b, _, t_total = path.shape[:3]
+  f, wp, n_steps = lay.chunk_frames, lay.window_frames, len(lay.sigmas)
+  k_off, k_first, k_step, k_ctx, k_eps = jax.random.split(key, 5)
+  o = jax.random.randint(k_off, (), 0, t_total - wp - f + 1)
+  clean = path[:, -1]
+  ctx_frames = jax.lax.dynamic_slice_in_dim(clean, o, wp, axis=1)
+  chunk = jax.lax.dynamic_slice_in_dim(clean, o + wp, f, axis=1)
+  k = jax.random.randint(k_step, (b,), 0, n_steps)
+  x_t = jax.lax.dynamic_slice_in_dim(path[jnp.arange(b), k], o + wp, f, axis=1)  # [B, F, ...]
+  sigma = jnp.asarray(lay.sigmas, jnp.float32)[k]
+  text = model.text_kv(text_ctx)
+  first = jax.random.bernoulli(k_first, first_chunk_prob, (b,))
+  cache = _context_cache(model, lay, ctx_frames, text, k_ctx, first)
+  target = chunk
+  if lay.anchor == "adaptive":
+    st = _state_target(lay, first, ctx_frames, chunk)
+    x_t = jnp.concatenate([losses.noised(st, jax.random.normal(k_eps, st.shape), sigma), x_t], axis=1)
+    target = jnp.concatenate([st, target], axis=1)
+  t_bf = jnp.broadcast_to(jnp.asarray(lay.timesteps, jnp.float32)[k][:, None], x_t.shape[:2])
+  v = tr.flow(model, lay, cache, x_t, t_bf, text).astype(jnp.float32)
+  x0 = x_t - sigma.reshape(-1, 1, 1, 1, 1) * v
+  return jnp.mean(jnp.square(x0 - target))
+
+
+def causal_init_step(graphdef, tx, cfg, lay: tr.Layout, teacher_graphdef=None):
+  """Causal initialisation by `train.causal_init.method`: "teacher_forcing" (flow matching on
+  data clips) or "ode" (regression on trajectories the frozen teacher, `frozen.teacher` with
+  graph `teacher_graphdef`, samples inside the step from the batch's prompts)."""
+  c = cfg.train.causal_init
+  shift, p_first, method = float(cfg.sampler.shift), float(c.first_chunk_prob), str(c.method)
+  h = int(cfg.train.horizon_frames)
 
   def step(state: TrainState, batch, frozen: Frozen | None = None):
     frozen = frozen or Frozen()
-    key, sub = jax.random.split(state.key)
+    key, sub, k_ode = jax.random.split(state.key, 3)
+    if method == "ode":
+      teacher = nnx.merge(teacher_graphdef, frozen.teacher)
+      path = teacher_trajectory(teacher, lay, batch["text"], k_ode, h, int(c.ode_steps), shift, float(c.ode_cfg_scale))
 
     def loss_fn(p):
-      return teacher_forcing_loss(merge(graphdef, p, frozen.generator), lay, batch["latents"], batch["text"], sub, shift, p_first)
+      model = merge(graphdef, p, frozen.generator)
+      if method == "ode":
+        return ode_regression_loss(model, lay, path, batch["text"], sub, p_first)
+      return teacher_forcing_loss(model, lay, batch["latents"], batch["text"], sub, shift, p_first)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     params, opt_state, m = _apply(tx, grads, state.opt_state, state.params, "model")
@@ -166,21 +264,41 @@ def causal_init_step(graphdef, tx, cfg, lay: tr.Layout):
 # ------------------------------------------------------------------------------------------------
 
 
-def dmd_windows(frames, states, lay: tr.Layout, horizon: int, state_dmd: bool):
+def reencode_first(vae, frames, starts) -> jax.Array:
+  """Image latents for windows starting mid-rollout (method.md, Training 4): the rollout's
+  latents up to each start `s` decoded by the causal Wan VAE (one pass: pixel frames never
+  depend on later latents), the last pixel frame of latent `s` encoded as a one-frame image
+  latent. Returns `[B, len(starts), h, w, C]`, without gradient (as Self-Forcing and LongLive)."""
+  frames = jax.lax.stop_gradient(frames)
+  px = vae.decode_fn(frames[:, : max(starts) + 1])  # [B, 1 + 4 max(starts), H, W, 3]
+  imgs = jnp.stack([px[:, vae.num_pixel_frames(s + 1) - 1] for s in starts], axis=1)
+  b, n = imgs.shape[:2]
+  z = vae.encode_fn(imgs.reshape(b * n, 1, *imgs.shape[2:]))  # [B n, 1, h, w, C]
+  return jax.lax.stop_gradient(z.reshape(b, n, *z.shape[2:]).astype(frames.dtype))
+
+
+def dmd_windows(frames, states, lay: tr.Layout, horizon: int, state_dmd: bool, vae=None):
   """The `H`-frame windows the teacher scores, `[W, B, H, ...]`, and their end frames.
 
   With `state_dmd`, a window that starts at a chunk boundary after the first chunk starts with
   the state that sat in the anchor when that chunk was made (the state produced with the chunk
-  before), in place of its first frame.
+  before), in place of its first frame. With a `vae` (a Wan teacher, whose first latent encodes
+  one pixel frame), every other window starting mid-rollout has its first latent re-encoded as
+  an image latent (`reencode_first`).
   """
   total, f = frames.shape[1], lay.chunk_frames
   starts = losses.window_starts(total, horizon, f)
   h = min(horizon, total)
+  use_state = [state_dmd and lay.anchor == "adaptive" and s >= f and s % f == 0 for s in starts]
+  redo = [s for s, u in zip(starts, use_state, strict=True) if s > 0 and not u] if vae is not None else []
+  firsts = reencode_first(vae, frames, redo) if redo else None
   out = []
-  for s in starts:
+  for s, u in zip(starts, use_state, strict=True):
     w = frames[:, s : s + h]
-    if state_dmd and lay.anchor == "adaptive" and s >= f and s % f == 0:
+    if u:
       w = jnp.concatenate([states[:, s // f - 1, -1:], w[:, 1:]], axis=1)
+    elif s in redo:
+      w = jnp.concatenate([firsts[:, redo.index(s)][:, None], w[:, 1:]], axis=1)
     out.append(w)
   return jnp.stack(out), [s + h for s in starts]
 
@@ -191,15 +309,16 @@ def _x0(graphdef, params, x_t, sigma_b, text, frozen=None):
   return x_t - sigma_b.reshape(-1, 1, 1, 1, 1) * v
 
 
-def dmd_window_loss(frames, states, score_graphdef, critic_params, frozen: Frozen, lay, text, key, dcfg, cfg, critic_graphdef=None):
+def dmd_window_loss(frames, states, score_graphdef, critic_params, frozen: Frozen, lay, text, key, dcfg, cfg, critic_graphdef=None, vae=None):
   """The horizon-weighted DMD loss of a rollout's frames (and states): method.md, Training 3.
 
-  `score_graphdef` is the teacher's graph; `critic_graphdef` the critic's (differs with LoRA).
+  `score_graphdef` is the teacher's graph; `critic_graphdef` the critic's (differs with LoRA);
+  `vae` re-encodes the first latent of windows starting mid-rollout (`dmd_windows`).
   """
   critic_graphdef = score_graphdef if critic_graphdef is None else critic_graphdef
   k_sig, k_eps = jax.random.split(key)
   horizon = int(cfg.train.horizon_frames)
-  wins, ends = dmd_windows(frames, states, lay, horizon, bool(cfg.train.state_dmd))
+  wins, ends = dmd_windows(frames, states, lay, horizon, bool(cfg.train.state_dmd), vae)
   weights = losses.horizon_weights(ends, horizon, float(cfg.train.horizon_alpha))
   uncond = jnp.zeros_like(text)  # the empty / negative prompt of the synthetic data
   total = 0.0
@@ -217,15 +336,19 @@ def dmd_window_loss(frames, states, score_graphdef, critic_params, frozen: Froze
   return total / wins.shape[0]
 
 
-def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layout, critic_graphdef=None):
+def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layout, critic_graphdef=None, vae_graphdef=None):
   """`(generator_step, critic_step)` of DMD, each `(state, batch, frozen) -> (state, metrics)`.
 
   `frozen.teacher` holds the teacher's parameters (graph `score_graphdef`); the critic has graph
   `critic_graphdef` (default the teacher's; LoRA adds adapters) and, with LoRA, its frozen rest
-  in `frozen.critic`, as the generator's in `frozen.generator`.
+  in `frozen.critic`, as the generator's in `frozen.generator`. With `vae_graphdef`,
+  `frozen.vae` is the Wan VAE that re-encodes mid-rollout windows' first latents.
   """
   dcfg = cfg.train.dmd
   critic_graphdef = score_graphdef if critic_graphdef is None else critic_graphdef
+
+  def vae_of(frozen):
+    return None if vae_graphdef is None else nnx.merge(vae_graphdef, frozen.vae)
 
   def carry_fn(p, frozen, text_ctx):
     model = merge(gen_graphdef, jax.lax.stop_gradient(p), frozen.generator)
@@ -246,7 +369,7 @@ def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layo
     n = int(dcfg.rollout_chunks)
 
     def window_loss(frames, states):
-      return dmd_window_loss(frames, states, score_graphdef, state.critic, frozen, lay, text, k_loss, dcfg, cfg, critic_graphdef)
+      return dmd_window_loss(frames, states, score_graphdef, state.critic, frozen, lay, text, k_loss, dcfg, cfg, critic_graphdef, vae_of(frozen))
 
     if not bool(dcfg.replay):
 
@@ -279,7 +402,7 @@ def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layo
       jax.lax.stop_gradient(state.params), gen_graphdef, lay, carry_fn(state.params, frozen, text), text, k_gen,
       num_chunks=int(dcfg.rollout_chunks), exit_step=exit_step, remat=False, frozen=frozen.generator,
     )  # fmt: skip
-    wins, _ = dmd_windows(jax.lax.stop_gradient(frames), jax.lax.stop_gradient(states), lay, int(cfg.train.horizon_frames), bool(cfg.train.state_dmd))
+    wins, _ = dmd_windows(jax.lax.stop_gradient(frames), jax.lax.stop_gradient(states), lay, int(cfg.train.horizon_frames), bool(cfg.train.state_dmd), vae_of(frozen))
 
     def loss_fn(p):
       f = _flow_fn(critic_graphdef, p, frozen.critic)
@@ -294,4 +417,4 @@ def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layo
   return generator_step, critic_step
 
 
-__all__ = ["TrainState", "Frozen", "optimizer", "teacher_step", "causal_init_step", "dmd_steps", "teacher_forcing_loss", "dmd_windows", "dmd_window_loss", "subtree_norms"]
+__all__ = ["TrainState", "Frozen", "optimizer", "teacher_step", "causal_init_step", "dmd_steps", "teacher_forcing_loss", "ode_grid", "teacher_trajectory", "ode_regression_loss", "reencode_first", "dmd_windows", "dmd_window_loss", "subtree_norms"]

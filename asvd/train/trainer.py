@@ -2,14 +2,17 @@
 
     WORKDIR/config.json          the run's config (a resumed run must match it)
     WORKDIR/metrics.jsonl        one JSON object per logged step: stage, step, loss, norms
+    WORKDIR/tensorboard/<stage>  the same scalars and sample videos for TensorBoard
+    WORKDIR/<stage>/samples      step_NNNNNN.mp4 every `train.sample_every` steps (latent preview)
     WORKDIR/<stage>/checkpoints  Orbax CheckpointManager: train state, data-iterator state, config
     WORKDIR/<stage>/model        the stage's final network as an asvd checkpoint (`asvd generate
                                  --checkpoint`); for `dmd` the EMA generator (`generator/` holds
                                  the raw one)
 
-Stages (`train.stages`): `teacher` (bidirectional flow matching), `causal_init` (teacher forcing
-with the [anchor; window; chunk] geometry, starting from the teacher), `dmd` (Self-Forcing DMD
-with the adaptive state: generator from `causal_init`, critic and frozen teacher from `teacher`).
+Stages (`train.stages`): `teacher` (bidirectional flow matching), `causal_init` (with the
+[anchor; window; chunk] geometry, starting from the teacher: ODE regression on the frozen
+teacher's trajectories, or teacher forcing on the data), `dmd` (Self-Forcing DMD with the
+adaptive state: generator from `causal_init`, critic and frozen teacher from `teacher`).
 Each stage starts from, in this order: its own latest checkpoint in the workdir, the explicit
 `train.<stage>.init` checkpoint (`train.dmd.teacher` for DMD's teacher and critic), the previous
 stage's `model`, or scratch (never for DMD's teacher).
@@ -40,6 +43,8 @@ from asvd.models.dit import compute_settings
 from asvd.models.lora import add_lora, merge_lora, split_lora
 from asvd.train import steps as st
 from asvd.train.rollout import merge
+from asvd.train.writers import MetricsLog, TensorBoardWriter, preview
+from asvd.video import write_mp4
 
 STAGES = ("teacher", "causal_init", "dmd")
 
@@ -72,11 +77,21 @@ def check_config(cfg) -> None:
     raise UsageError(f"train.lora: rank {t.lora.rank} must be >= 0 and stages {tuple(t.lora.stages)} among {STAGES}")
   if int(t.optimizer.grad_accum) < 1:
     raise UsageError(f"train.optimizer.grad_accum={t.optimizer.grad_accum} must be >= 1")
+  if t.causal_init.method not in ("ode", "teacher_forcing"):
+    raise UsageError(f"train.causal_init.method={t.causal_init.method!r}: choose 'ode' or 'teacher_forcing'")
   lay = layout(cfg)
-  frames = int(t.data.frames)
-  need = max(int(t.horizon_frames) if "teacher" in t.stages else 0, lay.window_frames + lay.chunk_frames if "causal_init" in t.stages else 0)
+  frames, h = int(t.data.frames), int(t.horizon_frames)
+  ode = "causal_init" in t.stages and t.causal_init.method == "ode"
+  if ode and h < lay.window_frames + lay.chunk_frames:
+    raise UsageError(f"train.horizon_frames={h}: ODE causal init samples H-frame clips holding the context and a chunk, Wp + F = {lay.window_frames + lay.chunk_frames}")
+  if ode and int(t.causal_init.ode_steps) < 1:
+    raise UsageError(f"train.causal_init.ode_steps={t.causal_init.ode_steps} must be >= 1")
+  tf = "causal_init" in t.stages and not ode
+  need = max(h if "teacher" in t.stages else 0, lay.window_frames + lay.chunk_frames if tf else 0)
   if frames < need:
-    raise UsageError(f"train.data.frames={frames}: the stages {tuple(t.stages)} need clips of at least {need} latent frames (teacher: H; causal_init: Wp + F)")
+    raise UsageError(f"train.data.frames={frames}: the stages {tuple(t.stages)} need clips of at least {need} latent frames (teacher: H; teacher-forcing causal_init: Wp + F)")
+  if "dmd" in t.stages and t.dmd.reencode_vae and not os.path.exists(t.dmd.reencode_vae):
+    raise UsageError(f"train.dmd.reencode_vae={t.dmd.reencode_vae!r}: no such file or folder")
   if "dmd" in t.stages and int(t.dmd.critic_per_generator) < 1:
     raise UsageError(f"train.dmd.critic_per_generator={t.dmd.critic_per_generator} must be >= 1")
 
@@ -126,34 +141,6 @@ def _diff(a, b, prefix=""):
 # ------------------------------------------------------------------------------------------------
 
 
-class MetricsLog:
-  """`WORKDIR/metrics.jsonl`: appended line by line; truncated to a restore point on resume."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-
-  def rewind(self, stage: str, step: int) -> None:
-    """Keeps earlier stages' lines and this stage's lines up to `step` (drops torn lines)."""
-    if not os.path.exists(self.path):
-      return
-    keep = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          d = json.loads(line)
-        except ValueError:
-          continue
-        if d.get("stage") != stage or d.get("step", 0) <= step:
-          keep.append(json.dumps(d, sort_keys=True))
-    from asvd.outputs import write_text_atomic  # noqa: PLC0415
-
-    write_text_atomic(self.path, "".join(k + "\n" for k in keep))
-
-  def write(self, record: dict) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 def _check_finite(stage: str, step: int, metrics: dict) -> None:
   bad = [k for k, v in metrics.items() if not math.isfinite(v)]
   if bad:
@@ -185,18 +172,39 @@ def _init_model(cfg, stage: str, workdir: str, which: str, seed: int):
   import asvd  # noqa: PLC0415
 
   # The explicit checkpoint: train.<stage>.init for the trained network, train.dmd.teacher for
-  # DMD's teacher and critic. Else the previous stage's model in this workdir.
-  score = stage == "dmd" and which in ("teacher", "critic")
-  explicit = cfg.train.dmd.teacher if score else cfg.train[stage].get("init", "")
+  # the frozen teacher (DMD's teacher and critic; ODE init's teacher unless
+  # train.causal_init.teacher names another). Else the previous stage's model in this workdir.
+  score = which in ("teacher", "critic")
+  explicit = cfg.train[stage].get("init", "")
+  if score:
+    explicit = (cfg.train.causal_init.teacher if stage == "causal_init" else "") or cfg.train.dmd.teacher
   previous = {"teacher": None, "causal_init": "teacher", "dmd": "teacher" if score else "causal_init"}[stage]
   path = explicit or None
   if path is None and previous is not None and os.path.isdir(_stage_model(workdir, previous)):
     path = _stage_model(workdir, previous)
   if path is None:
     if score:
-      raise UsageError(f"train stage dmd needs a teacher: run the teacher stage first (it writes {_stage_model(workdir, 'teacher')}), or set train.dmd.teacher")
+      what = "ODE causal init (train.causal_init.method='ode')" if stage == "causal_init" else "dmd"
+      raise UsageError(f"{what} needs a teacher: run the teacher stage first (it writes {_stage_model(workdir, 'teacher')}), or set train.dmd.teacher")
     return asvd.init_dit(cfg.model, jax.random.key(seed)), "scratch"
   return asvd.load_dit(path, dtype=jnp.dtype(cfg.model.param_dtype), **compute_settings(cfg.model)), path
+
+
+def _reencode_vae(cfg):
+  """The Wan VAE that re-encodes mid-rollout windows' first latents in DMD, or None (off, or no
+  VAE: synthetic latent data)."""
+  d = cfg.train.dmd
+  if not d.reencode_first:
+    return None
+  path = d.reencode_vae or (cfg.train.data.weights if cfg.train.data.name == "video_folder" else "")
+  if not path:
+    return None
+  import asvd  # noqa: PLC0415
+  from asvd.pipeline import plain_config  # noqa: PLC0415
+
+  vae = asvd.load_vae(path, dtype=jnp.float32, config=plain_config(cfg.get("pipeline", {}).get("vae")))
+  print(f"[asvd] dmd: windows starting mid-rollout get their first latent re-encoded by the VAE in {path}", file=sys.stderr)
+  return vae
 
 
 def _optimizer(cfg, stage, which="generator"):
@@ -278,16 +286,21 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
     tx = _optimizer(cfg, stage)
     extra, frozen = {}, st.Frozen(generator=gen_frozen)
     score_graphdef = critic_graphdef = None
-    if stage == "dmd":
-      critic_model, _ = _init_model(cfg, stage, workdir, "critic", seed + 1)
+    if stage == "dmd" or (stage == "causal_init" and t.causal_init.method == "ode"):
       teacher_model, _ = _init_model(cfg, stage, workdir, "teacher", seed + 2)
-      critic_graphdef, critic, critic_frozen = _trainable(critic_model, lora, t.lora.alpha, seed + 1)
       score_graphdef, teacher = nnx.split(teacher_model)
       if t.dmd.teacher_dtype != "float32":
         teacher = jax.tree.map(lambda x: x.astype(jnp.dtype(t.dmd.teacher_dtype)), teacher)
+      frozen = st.Frozen(generator=gen_frozen, teacher=teacher)
+    vae_graphdef = None
+    if stage == "dmd":
+      critic_model, _ = _init_model(cfg, stage, workdir, "critic", seed + 1)
+      critic_graphdef, critic, critic_frozen = _trainable(critic_model, lora, t.lora.alpha, seed + 1)
       critic_tx = _optimizer(cfg, stage, "critic")
       extra = dict(critic=critic, critic_opt=critic_tx.init(critic), ema=jax.tree.map(jnp.copy, params))
-      frozen = st.Frozen(generator=gen_frozen, critic=critic_frozen, teacher=teacher)
+      vae = _reencode_vae(cfg)
+      vae_graphdef, vae_params = nnx.split(vae) if vae is not None else (None, None)
+      frozen = st.Frozen(generator=gen_frozen, critic=critic_frozen, teacher=teacher, vae=vae_params)
     frozen = jax.device_put(frozen, jax.devices()[0])
     state = st.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(seed), **extra)
     # One placement from the first step on (a restored state is committed too): one compile.
@@ -314,9 +327,9 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
     if stage == "teacher":
       one = jax.jit(st.teacher_step(graphdef, tx, cfg), donate_argnums=0)
     elif stage == "causal_init":
-      one = jax.jit(st.causal_init_step(graphdef, tx, cfg, lay), donate_argnums=0)
+      one = jax.jit(st.causal_init_step(graphdef, tx, cfg, lay, score_graphdef), donate_argnums=0)
     else:
-      gen_step, critic_step = st.dmd_steps(graphdef, score_graphdef, tx, critic_tx, cfg, lay, critic_graphdef)
+      gen_step, critic_step = st.dmd_steps(graphdef, score_graphdef, tx, critic_tx, cfg, lay, critic_graphdef, vae_graphdef)
       gen_jit = jax.jit(gen_step, donate_argnums=0)
       critic_jit = jax.jit(critic_step, donate_argnums=0)
       ratio = int(t.dmd.critic_per_generator)
@@ -332,6 +345,9 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
 
     bar = _bar(progress, stage, total, int(state.step))
     step = int(state.step)
+    lead = jax.process_index() == 0  # only process 0 writes logs and samples
+    tb = TensorBoardWriter(os.path.join(workdir, "tensorboard", stage)) if lead else None
+    sampler = _Sampler(cfg, stage, lay, graphdef, gen_frozen, data_dir) if lead and int(t.sample_every) > 0 else None
     try:
       while step < total:
         batch = jax.tree.map(jnp.asarray, next(it))
@@ -341,6 +357,14 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
         _check_finite(stage, step, m)
         if step % int(t.log_every) == 0 or step == total:
           log.write({"stage": stage, "step": step, **m})
+          if tb is not None:
+            tb.write_scalars(step, m)
+        if sampler is not None and step % int(t.sample_every) == 0:
+          video = sampler(state.ema if stage == "dmd" else state.params)
+          os.makedirs(os.path.join(sdir, "samples"), exist_ok=True)
+          write_mp4([video], os.path.join(sdir, "samples", f"step_{step:06d}.mp4"), fps=int(cfg.pipeline.fps))
+          tb.write_videos(step, {"sample": video})
+          tb.flush()
         mngr.save(step, args=_save_args(ocp, state, it, cfg), force=step == total or stop.requested)
         if bar is not None:
           bar.update(1)
@@ -352,6 +376,8 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
     finally:
       if bar is not None:
         bar.close()
+      if tb is not None:
+        tb.close()
     mngr.wait_until_finished()
     final = merge_lora(merge(graphdef, state.ema if stage == "dmd" else state.params, gen_frozen))
     dit_port.save_dit(final, _stage_model(workdir, stage), overwrite=True)
@@ -361,6 +387,40 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
     return _stage_model(workdir, stage)
   finally:
     mngr.close()
+
+
+class _Sampler:
+  """A sample video of the network being trained, from a fixed prompt (the dataset's first) and
+  seed: the teacher by its ODE (`train.causal_init.ode_steps` Euler steps, H frames), a causal
+  network by `asvd.rollout` (`train.sample_chunks` chunks), i.e. exactly as inference runs it.
+  Returns the latent preview, uint8 `[T, H, W, 3]`."""
+
+  def __init__(self, cfg, stage, lay, graphdef, gen_frozen, data_dir):
+    from asvd.data.pipeline import data_source  # noqa: PLC0415
+
+    self.cfg, self.stage, self.lay, self.graphdef, self.gen_frozen = cfg, stage, lay, graphdef, gen_frozen
+    self.text = jnp.asarray(data_source(cfg, lay.latent_hw, data_dir)[0]["text"], jnp.float32)[None]
+    self.key = jax.random.PRNGKey(int(cfg.train.seed))
+    if stage == "teacher":
+      c, shift = cfg.train.causal_init, float(cfg.sampler.shift)
+      h = int(cfg.train.horizon_frames)
+
+      def sample(params, frozen, text, key):
+        model = merge(graphdef, params, frozen)
+        return st.teacher_trajectory(model, lay, text, key, h, int(c.ode_steps), shift, float(c.ode_cfg_scale))[:, -1]
+
+      self._teacher = jax.jit(sample)
+
+  def __call__(self, params):
+    import asvd  # noqa: PLC0415
+
+    if self.stage == "teacher":
+      lat = self._teacher(params, self.gen_frozen, self.text, self.key)
+    else:
+      c = self.cfg
+      model = merge_lora(merge(self.graphdef, params, self.gen_frozen))
+      lat, _ = asvd.rollout(model, self.text, self.key, num_chunks=int(c.train.sample_chunks), config=c.rollout, sampler_config=c.sampler, latent_hw=self.lay.latent_hw)
+    return preview(jax.device_get(lat)[0])
 
 
 def _quiet_closed_loop_callbacks() -> None:
