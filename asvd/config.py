@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
       rope_theta=10000.0,
       dtype="float32",
       param_dtype="float32",
-      attention="xla",
+      attention="auto",  # flash on CPU, cuDNN flash on NVIDIA GPUs, splash on TPU (asvd.models.attention)
       scan_layers=True,
       remat="none",
     )

@@ -1,5 +1,7 @@
 """WanDiT: shapes, RoPE, cached == block-causal, scanned == looped, attention backends."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -166,16 +168,63 @@ def test_remat_policies_same_grads(cfg, remat):
   chex.assert_trees_all_close(grads(base), grads(other), atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n in attn_lib.available_attention() if n not in ("xla", "cudnn")])
-def test_attention_backends_match_xla(name):
+MASKS = {
+  "none": None,
+  "query_dependent": jnp.array([[[1, 0, 1], [1, 1, 0]]], bool),  # 2 query frames x 3 key frames
+  "key_only": jnp.array([[[0, 1, 1]], [[1, 0, 1]]], bool),  # per-sample slot validity, [B, 1, Fk]
+}
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("name", [n for n in attn_lib.available_attention() if n not in ("xla", "cudnn", "splash")])  # splash: below
+def test_attention_backends_match_xla(name, mask):
   kq, kk, kv = jax.random.split(jax.random.key(2), 3)
   q = jax.random.normal(kq, (2, 12, 2, 16))
   k = jax.random.normal(kk, (2, 18, 2, 16))
   v = jax.random.normal(kv, (2, 18, 2, 16))
-  mask = jnp.array([[[1, 0, 1], [1, 1, 0]]], bool)  # 2 query frames x 3 key frames
-  ref, _ = attn_lib.get_attention("xla")(q, k, v, mask)
-  out, _ = attn_lib.get_attention(name)(q, k, v, mask)
+  m = MASKS[mask]
+  ref, _ = attn_lib.get_attention("xla")(q, k, v, m)
+  out, _ = attn_lib.get_attention(name)(q, k, v, m)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_flash_attention_tiles_and_gradients_match_xla(mask, dtype, tol):
+  """Small tiles so that tiles span several frames (keys) and parts of a frame (queries), with
+  tiles masked for every sample (skipped) and for some; gradients through the custom VJP."""
+  from asvd.models.flash_attention import flash_attention  # noqa: PLC0415
+
+  kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(kq, (2, 2 * 24, 2, 8), dtype)  # 2 query frames of 24 tokens
+  k = jax.random.normal(kk, (2, 3 * 24, 2, 8), dtype)  # 3 key frames
+  v = jax.random.normal(kv, (2, 3 * 24, 2, 8), dtype)
+  m = MASKS[mask]
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, m)[0].astype(jnp.float32)))
+
+  flash = functools.partial(flash_attention, block_q=8, block_k=48)
+  ref = attn_lib.get_attention("xla")
+  np.testing.assert_allclose(np.asarray(flash(q, k, v, m)[0], np.float32), np.asarray(ref(q, k, v, m)[0], np.float32), atol=tol)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+  g = jax.jit(jax.grad(loss(flash), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(g, g_ref, strict=True):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 2)
+
+
+def test_flash_attention_memory_is_flat_in_the_key_length():
+  """The backward's temporaries grow with the sequence, not with its square (`xla` holds the
+  f32 scores): 4x the keys and queries -> ~4x the temporaries, against ~16x for `xla`."""
+  def temps(name, s):
+    x = jax.ShapeDtypeStruct((1, s, 4, 64), jnp.float32)
+    fn = attn_lib.get_attention(name)
+    g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)[0]), argnums=(0, 1, 2)))
+    return g.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
+  small, big = temps("flash", 1024), temps("flash", 4096)
+  assert big / small < 6, (small, big)
+  assert temps("xla", 4096) > 8 * big  # the scores [4, 4096, 4096] f32 alone are 268 MB
 
 
 def test_probe_shares_sum_to_one(model):
@@ -219,3 +268,83 @@ def test_clear_input_errors(model):
     dit_lib.DiTConfig.from_config({"dimm": 3})
   with pytest.raises(ValueError, match="attention backend"):
     dit_lib.DiTConfig.from_config({"attention": "nope"})
+
+
+@pytest.mark.parametrize("mask", ["none", "key_only"])
+def test_splash_attention_matches_xla_in_interpret_mode(mask):
+  """The TPU kernel's own code run by the Pallas interpreter (forward and its VJP)."""
+  from asvd.models.splash_attention import splash_attention  # noqa: PLC0415
+
+  kq, kk, kv = jax.random.split(jax.random.key(4), 3)
+  q = jax.random.normal(kq, (2, 48, 2, 16))
+  k = jax.random.normal(kk, (2, 72, 2, 16))
+  v = jax.random.normal(kv, (2, 72, 2, 16))
+  m = MASKS[mask]
+  splash = functools.partial(splash_attention, interpret=True)
+  ref = attn_lib.get_attention("xla")
+  np.testing.assert_allclose(np.asarray(splash(q, k, v, m)[0]), np.asarray(ref(q, k, v, m)[0]), atol=2e-6)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, m)[0]))
+
+  for a, b in zip(jax.grad(loss(splash), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=4e-6)
+
+
+def test_auto_attention_compiles_splash_ahead_of_time_for_a_tpu():
+  """`auto` picks splash for a TPU; the cached transition compiles for a v5e chip on this CPU
+  (libtpu's topology description), with the Pallas kernel in the program."""
+  from jax.experimental import topologies  # noqa: PLC0415
+
+  from asvd import transition as tr  # noqa: PLC0415
+
+  cfg = asvd.load_config("configs/tiny.py:bf16", ["model.dim=256"])  # Mosaic wants 128-wide heads, as Wan's
+  assert cfg.model.attention == "auto"
+  model = dit_lib.abstract_dit(cfg.model)
+  lay = tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler)
+  graphdef, params = nnx.split(model)
+  dev = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1").devices[0]
+  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(dev))  # noqa: E731
+
+  def carry(p, ctx):
+    m = nnx.merge(graphdef, p)
+    return tr.empty_carry(m, m.text_kv(ctx), lay)
+
+  state, cache = jax.eval_shape(carry, params, jax.ShapeDtypeStruct((1, 16, 32), jnp.bfloat16))
+  noise = jax.ShapeDtypeStruct(tr.noise_shape(lay, 1, 16), jnp.float32)
+  step = jax.jit(lambda p, s, c, n: tr.transition_fn(nnx.merge(graphdef, p), lay, s, c, n))
+  args = jax.tree.map(on_tpu, (params, state, cache, noise))
+  assert attn_lib.auto_choice(jnp.bfloat16, "tpu") == "splash"
+  with attn_lib.auto_platform("tpu"):
+    compiled = step.lower(*args).compile()
+  assert "tpu_custom_call" in compiled.as_text()
+  assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def _transition_temps(spec, attention):
+  from asvd import transition as tr  # noqa: PLC0415
+
+  cfg = asvd.load_config(spec, [f"model.attention={attention}"])
+  model = dit_lib.abstract_dit(cfg.model)
+  lay = tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler)
+  graphdef, params = nnx.split(model)
+
+  def carry(p, ctx):
+    m = nnx.merge(graphdef, p)
+    return tr.empty_carry(m, m.text_kv(ctx), lay)
+
+  state, cache = jax.eval_shape(carry, params, jax.ShapeDtypeStruct((1, cfg.model.text_len, cfg.model.text_dim), jnp.bfloat16))
+  noise = jax.ShapeDtypeStruct(tr.noise_shape(lay, 1, cfg.model.in_channels), jnp.float32)
+  step = jax.jit(lambda p, s, c, n: tr.transition_fn(nnx.merge(graphdef, p), lay, s, c, n))
+  temps = step.lower(params, state, cache, noise).compile().memory_analysis().temp_size_in_bytes
+  return temps, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+def test_real_size_adaptive_transition_needs_at_most_3gb_of_temporaries():
+  """The 1.3B adaptive transition as configs/wan_t2v_1_3b.py builds it (bf16, 480x832, batch 1),
+  compiled for this CPU: the default attention never holds the scores (`xla`: 12 heads x 6,240 x
+  12,480 f32 per layer) and no bf16 stack (weights, cache) is upcast to f32 around the layer loop."""
+  temps, param_bytes = _transition_temps("configs/wan_t2v_1_3b.py", "auto")
+  assert temps <= 3e9, temps / 1e9
+  assert temps < 0.5 * param_bytes  # an f32 copy of the stacked weights alone would be 2x them
+  assert _transition_temps("configs/small.py:bf16", "xla")[0] > 3 * _transition_temps("configs/small.py:bf16", "auto")[0]

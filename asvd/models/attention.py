@@ -6,7 +6,8 @@ Every kernel has the same signature:
 
 * `q` `[B, Sq, H, Dh]`, `k`/`v` `[B, Sk, H, Dh]` (already normed and rotated);
 * `frame_mask` bool `[B|1, Fq, Fk]` at latent-frame granularity: query frame i may attend key
-  frame j. Tokens per frame are `Sq // Fq` and `Sk // Fk`. None = everything visible;
+  frame j. Tokens per frame are `Sq // Fq` and `Sk // Fk`. `Fq = 1` is a key-only mask (the
+  same row for every query: the cached call's slot validity). None = everything visible;
 * `probe` asks for the attention share per key frame `[B, Fk]` (mean over heads and query
   tokens of the softmax mass on each key frame); kernels that never materialise the
   probabilities return None and the caller falls back to `xla` for probing.
@@ -16,7 +17,13 @@ Backends:
   other backend is tested against it.
 * `dot_product`: `jax.nn.dot_product_attention` with XLA's own choice of implementation.
 * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel on
-  NVIDIA GPUs (bf16/fp16 inputs).
+  NVIDIA GPUs (bf16/fp16 inputs); key-only masks become key lengths, never a dense bias.
+* `flash` (`asvd/models/flash_attention.py`): online softmax over frame-aligned key tiles with
+  a custom VJP; memory flat in the sequence lengths, masked tiles skipped.
+* `splash` (`asvd/models/splash_attention.py`): Pallas splash attention on TPU; slot validity
+  as segment ids.
+* `auto` (the default): `cudnn` on NVIDIA GPUs (f32 inputs: `dot_product`), `splash` on TPU,
+  `flash` elsewhere.
 * `blocked`: exact attention one head and one query block at a time, so the f32 score tile stays
   in cache; 1.7x faster than `xla` on CPUs (benchmarks/README.md). It does not tile over keys.
 Register more (e.g. a TPU splash kernel) with `register_attention`.
@@ -102,11 +109,23 @@ def _xla(q, k, v, frame_mask=None, probe=False):
 
 
 def _dpa(q, k, v, frame_mask=None, probe=False, *, implementation=None):
-  mask = None
-  if frame_mask is not None:
-    fq, fk = frame_mask.shape[-2:]
-    mask = jnp.repeat(jnp.repeat(frame_mask, q.shape[1] // fq, axis=1), k.shape[1] // fk, axis=2)
-    mask = mask[:, None]  # [B|1, 1, Sq, Sk]
+  """`jax.nn.dot_product_attention`. A key-only mask (`[B|1, 1, Fk]`, the cached call: slot
+  validity) never becomes a dense bias: valid key frames are moved first (attention does not
+  depend on the order of its keys) and `key_value_seq_lengths` cuts the rest, which cuDNN's
+  flash kernel takes natively. Query-dependent masks fall back to a dense `[B, 1, Sq, Sk]` mask."""
+  b, sq, h, dh = q.shape
+  if frame_mask is None:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation).astype(q.dtype), None
+  fq, fk = frame_mask.shape[-2:]
+  if fq == 1:
+    valid = jnp.broadcast_to(jnp.asarray(frame_mask, bool)[:, 0], (b, fk))
+    order = jnp.argsort(~valid, axis=-1, stable=True)  # valid frames first, each in its order
+    tk = k.shape[1] // fk
+    take = lambda x: jnp.take_along_axis(x.reshape(b, fk, tk, h, dh), order[:, :, None, None, None], axis=1).reshape(b, fk * tk, h, dh)  # noqa: E731
+    lens = valid.sum(-1).astype(jnp.int32) * tk
+    out = jax.nn.dot_product_attention(q, take(k), take(v), key_value_seq_lengths=lens, implementation=implementation)
+    return out.astype(q.dtype), None
+  mask = jnp.repeat(jnp.repeat(frame_mask, sq // fq, axis=1), k.shape[1] // fk, axis=2)[:, None]
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   return out.astype(q.dtype), None
 
@@ -153,3 +172,53 @@ register_attention("xla", _xla)
 register_attention("dot_product", functools.partial(_dpa, implementation=None))
 register_attention("blocked", _blocked)
 register_attention("cudnn", functools.partial(_dpa, implementation="cudnn"), platforms=("gpu", "cuda"))
+
+
+def _flash(q, k, v, frame_mask=None, probe=False):
+  from asvd.models.flash_attention import flash_attention  # noqa: PLC0415
+
+  return flash_attention(q, k, v, frame_mask, probe)
+
+
+register_attention("flash", _flash)
+
+def _splash(q, k, v, frame_mask=None, probe=False):
+  from asvd.models.splash_attention import splash_attention  # noqa: PLC0415
+
+  return splash_attention(q, k, v, frame_mask, probe)
+
+
+register_attention("splash", _splash, platforms=("tpu",))
+
+_AUTO_PLATFORM: list[str] = []  # set by `auto_platform` (ahead-of-time compiles for another platform)
+
+
+class auto_platform:  # noqa: N801  (a context manager used like a function)
+  """`with auto_platform("tpu"):` makes `auto` choose for that platform while tracing (compiling
+  ahead of time for a TPU slice on a CPU host)."""
+
+  def __init__(self, platform: str):
+    self.platform = platform
+
+  def __enter__(self):
+    _AUTO_PLATFORM.append(self.platform)
+
+  def __exit__(self, *exc):
+    _AUTO_PLATFORM.pop()
+
+
+def auto_choice(dtype, platform: str | None = None) -> str:
+  """The backend `auto` uses for inputs of `dtype` on `platform` (default: the one tracing)."""
+  p = platform or (_AUTO_PLATFORM[-1] if _AUTO_PLATFORM else jax.default_backend())
+  if p in ("gpu", "cuda"):
+    return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "dot_product"
+  if p == "tpu":
+    return "splash"
+  return "flash"
+
+
+def _auto(q, k, v, frame_mask=None, probe=False):
+  return _REGISTRY[auto_choice(q.dtype)](q, k, v, frame_mask, probe)
+
+
+register_attention("auto", _auto)

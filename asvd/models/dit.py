@@ -25,6 +25,7 @@ dtype and accumulate in float32 (`preferred_element_type`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -74,7 +75,7 @@ class DiTConfig:
   # Compute.
   dtype: str = "float32"  # activations
   param_dtype: str = "float32"
-  attention: str = "xla"  # asvd.models.attention registry
+  attention: str = "auto"  # asvd.models.attention registry
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots | attn_out
   # LoRA adapters on the blocks' linear layers (attention q/k/v/o, FFN); 0 = none.
@@ -208,6 +209,17 @@ class Dense(nnx.Module):
     return (y + self.bias[...].astype(jnp.float32)).astype(out_dtype or self.dtype)
 
 
+def _layer(i, tree, n: int):
+  """Layer `i` (traced) of a pytree of `[n, ...]` stacks, by a `lax.switch` over static slices.
+
+  Not `stack[i]` (a dynamic slice, as `lax.scan` slices its `xs`): XLA:CPU has no bf16 dynamic
+  slice, so it converts the whole bf16 stack (all layers' weights, or the whole KV cache) to f32
+  before the loop, every call: 2x their bytes of temporaries (7 GB at 1.3B) and the traffic.
+  Static slices in a switch stay bf16 and cost nothing on other platforms."""
+  branches = [functools.partial(lambda j: jax.tree.map(lambda a: a[j], tree), j) for j in range(n)]
+  return jax.lax.switch(i, branches)
+
+
 def _layer_norm(x, eps, scale=None, bias=None):
   """LayerNorm in float32 (Wan's FP32LayerNorm); returns float32."""
   x = x.astype(jnp.float32)
@@ -280,7 +292,7 @@ class Block(nnx.Module):
         cached slots (or None).
       text_kv: `(k, v)` `[B, Lt, H, Dh]` of the prompt.
       slots: `(k, v)` un-rotated cached K/V of this layer `[B, N*T, H, Dh]`, or None.
-      frame_mask: bool `[B|1, F, N + F]` (or `[B|1, F, F]` without slots), or None.
+      frame_mask: bool `[B|1, F, N + F]` (`[B, 1, N + F]`: key-only; `[B|1, F, F]` without slots), or None.
       probe: also return the attention share per key frame.
 
     Returns:
@@ -523,7 +535,11 @@ class WanDiT(nnx.Module):
     own = jnp.ones((1, f, f), bool) if frame_mask is None else jnp.asarray(frame_mask, bool)
     if own.ndim == 2:
       own = own[None]
-    if slots is not None:
+    if slots is not None and frame_mask is None:
+      # Key-only (one row for every query frame): kernels skip or cut invalid slots, no dense mask.
+      valid = slots.valid.astype(bool)[:, None, :]  # [B, 1, N]
+      mask = jnp.concatenate([valid, jnp.ones((valid.shape[0], 1, f), bool)], axis=-1)
+    elif slots is not None:
       slot_mask = jnp.broadcast_to(slots.valid[:, None, :].astype(bool), (slots.valid.shape[0], f, n))
       own = jnp.broadcast_to(own, (slot_mask.shape[0], f, f))
       mask = jnp.concatenate([slot_mask, own], axis=-1)
@@ -543,9 +559,10 @@ class WanDiT(nnx.Module):
     text_xs = None if text is None else (text.k, text.v)
     if cfg.scan_layers:
       graphdef, state = nnx.split(self.blocks)
+      stacks = (state, slot_xs, text_xs)
 
-      def body(h, xs):
-        st, layer_slots, layer_text = xs
+      def body(h, i):
+        st, layer_slots, layer_text = _layer(i, stacks, cfg.num_layers)
         h, (k, v, share) = run_block(nnx.merge(graphdef, st), h, layer_slots, layer_text)
         return h, (k if return_kv else None, v if return_kv else None, share)
 
@@ -554,7 +571,7 @@ class WanDiT(nnx.Module):
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names("attn_out"))
       elif policy is not None:
         body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, policy))
-      h, (ks, vs, shares) = jax.lax.scan(body, h, (state, slot_xs, text_xs))
+      h, (ks, vs, shares) = jax.lax.scan(body, h, jnp.arange(cfg.num_layers))
     else:
       outs = []
       for i, blk in enumerate(self.blocks):

@@ -1,0 +1,173 @@
+"""Flash-style exact attention in plain JAX: online softmax over key tiles, never the full scores.
+
+For platforms without a fused kernel (CPU; and as a portable fallback): the scores exist one tile
+`[B, tq, tk]` (f32) at a time, so memory is flat in the sequence lengths, forward and backward
+alike (the backward recomputes each tile from the saved log-sum-exp, as FlashAttention does).
+
+Masks stay at latent-frame granularity (`frame_mask [B|1, Fq, Fk]`): tiles are aligned to frames,
+a tile whose frames are masked for every batch row is skipped (`lax.cond`), a partly visible tile
+is masked from its `[B, nqf, nkf]` frame bits; a dense token mask is never built.
+
+Layout: head-major operands `[H, B, S, Dh]`; a `lax.map` over (head, query tile) and a
+`lax.scan` over key tiles, so every dot is a plain `[tq, Dh] x [Dh, tk]` matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # finite: a fully masked row gets a uniform softmax, like the reference kernel
+
+
+def frame_tile(seq: int, frames: int, target: int) -> int:
+  """The tile length for a sequence of `frames` equal frames: whole frames (as many as divide
+  `frames` and fit `target`) or, for frames longer than `target`, the largest divisor of a frame."""
+  per = seq // frames
+  if per <= target:
+    m = max(m for m in range(1, frames + 1) if frames % m == 0 and m * per <= target)
+    return m * per
+  return max(t for t in range(1, target + 1) if per % t == 0)
+
+
+def _tile_mask(mask, qi, ki, tq, tk, per_q, per_k):
+  """Frame bits of query tile `qi` x key tile `ki`: `[B, nqf, nkf]` (tiles are frame-aligned)."""
+  nqf, nkf = max(tq // per_q, 1), max(tk // per_k, 1)
+  q0, k0 = (qi * tq) // per_q, (ki * tk) // per_k
+  return jax.lax.dynamic_slice(mask, (0, q0, k0), (mask.shape[0], nqf, nkf))
+
+
+def _masked(s, bits, tq, tk):
+  """`s [B, tq, tk]` with the keys of masked frames set to `_NEG` (`bits [B, nqf, nkf]`)."""
+  b = s.shape[0]
+  nqf, nkf = bits.shape[1:]
+  s = s.reshape(b, nqf, tq // nqf, nkf, tk // nkf)
+  s = jnp.where(bits[:, :, None, :, None], s, _NEG)
+  return s.reshape(b, tq, tk)
+
+
+def _forward(q, k, v, mask, tq, tk, per_q, per_k):
+  """`(out [H, B, Sq, Dh] f32, lse [H, B, Sq] f32)`."""
+  h, b, sq, dh = q.shape
+  sk = k.shape[2]
+  nq, nk = sq // tq, sk // tk
+  scale = dh**-0.5
+
+  def q_tile(i):
+    hi, qi = i // nq, i % nq
+    qt = jax.lax.dynamic_slice_in_dim(q[hi], qi * tq, tq, axis=1)  # [B, tq, Dh]
+
+    def body(carry, ki):
+      kt = jax.lax.dynamic_slice_in_dim(k[hi], ki * tk, tk, axis=1)
+      vt = jax.lax.dynamic_slice_in_dim(v[hi], ki * tk, tk, axis=1)
+      bits = None if mask is None else _tile_mask(mask, qi, ki, tq, tk, per_q, per_k)
+
+      def update(carry):
+        m_i, l_i, acc = carry
+        s = jnp.einsum("bqd,bkd->bqk", qt, kt, preferred_element_type=jnp.float32) * scale
+        if bits is not None:
+          s = _masked(s, bits, tq, tk)
+        m_new = jnp.maximum(m_i, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m_i - m_new)
+        acc = acc * corr[..., None] + jnp.einsum("bqk,bkd->bqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+        return m_new, l_i * corr + p.sum(-1), acc
+
+      if bits is None:
+        return update(carry), None
+      return jax.lax.cond(bits.any(), update, lambda c: c, carry), None
+
+    init = (jnp.full((b, tq), _NEG, jnp.float32), jnp.zeros((b, tq), jnp.float32), jnp.zeros((b, tq, dh), jnp.float32))
+    (m, denom, acc), _ = jax.lax.scan(body, init, jnp.arange(nk))
+    denom = jnp.where(denom > 0, denom, 1.0)  # every tile skipped: only a row masked everywhere
+    return acc / denom[..., None], m + jnp.log(denom)
+
+  out, lse = jax.lax.map(q_tile, jnp.arange(h * nq))  # [H nq, B, tq, Dh], [H nq, B, tq]
+  out = jnp.moveaxis(out.reshape(h, nq, b, tq, dh), 1, 2).reshape(h, b, sq, dh)
+  lse = jnp.moveaxis(lse.reshape(h, nq, b, tq), 1, 2).reshape(h, b, sq)
+  return out, lse
+
+
+def _backward(q, k, v, mask, out, lse, dout, tq, tk, per_q, per_k):
+  """`(dq, dk, dv)` in f32, tile by tile: per head, a scan over query tiles carrying `dk, dv`."""
+  h, b, sq, dh = q.shape
+  sk = k.shape[2]
+  nq, nk = sq // tq, sk // tk
+  scale = dh**-0.5
+  delta = jnp.sum(out * dout, axis=-1)  # [H, B, Sq]: rowsum(dO * O)
+
+  def head(hi):
+    def q_step(carry, qi):
+      dk, dv = carry
+      sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=qi * tq, slice_size=tq, axis=1)
+      qt, dot, lse_t, d_t = sl(q[hi]), sl(dout[hi]), sl(lse[hi]), sl(delta[hi])
+
+      def k_step(carry, ki):
+        dq, dk, dv = carry
+        kt = jax.lax.dynamic_slice_in_dim(k[hi], ki * tk, tk, axis=1)
+        vt = jax.lax.dynamic_slice_in_dim(v[hi], ki * tk, tk, axis=1)
+        bits = None if mask is None else _tile_mask(mask, qi, ki, tq, tk, per_q, per_k)
+
+        def update(carry):
+          dq, dk, dv = carry
+          s = jnp.einsum("bqd,bkd->bqk", qt, kt, preferred_element_type=jnp.float32) * scale
+          if bits is not None:
+            s = _masked(s, bits, tq, tk)
+          p = jnp.exp(s - lse_t[..., None])  # [B, tq, tk]
+          dv_t = jnp.einsum("bqk,bqd->bkd", p.astype(dot.dtype), dot, preferred_element_type=jnp.float32)
+          dp = jnp.einsum("bqd,bkd->bqk", dot, vt, preferred_element_type=jnp.float32)
+          ds = (p * (dp - d_t[..., None]) * scale).astype(q.dtype)
+          dq = dq + jnp.einsum("bqk,bkd->bqd", ds, kt, preferred_element_type=jnp.float32)
+          dk_t = jnp.einsum("bqk,bqd->bkd", ds, qt, preferred_element_type=jnp.float32)
+          add = lambda acc, t: jax.lax.dynamic_update_slice_in_dim(acc, jax.lax.dynamic_slice_in_dim(acc, ki * tk, tk, axis=1) + t, ki * tk, axis=1)  # noqa: E731
+          return dq, add(dk, dk_t), add(dv, dv_t)
+
+        if bits is None:
+          return update(carry), None
+        return jax.lax.cond(bits.any(), update, lambda c: c, carry), None
+
+      (dq, dk, dv), _ = jax.lax.scan(k_step, (jnp.zeros((b, tq, dh), jnp.float32), dk, dv), jnp.arange(nk))
+      return (dk, dv), dq
+
+    zeros = jnp.zeros((b, sk, dh), jnp.float32)
+    (dk, dv), dq = jax.lax.scan(q_step, (zeros, zeros), jnp.arange(nq))  # dq [nq, B, tq, Dh]
+    return jnp.moveaxis(dq, 0, 1).reshape(b, sq, dh), dk, dv
+
+  return jax.lax.map(head, jnp.arange(h))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash_hm(q, k, v, mask, tq, tk, per_q, per_k):
+  return _forward(q, k, v, mask, tq, tk, per_q, per_k)[0].astype(q.dtype)
+
+
+def _flash_fwd(q, k, v, mask, tq, tk, per_q, per_k):
+  out, lse = _forward(q, k, v, mask, tq, tk, per_q, per_k)
+  return out.astype(q.dtype), (q, k, v, mask, out.astype(q.dtype), lse)
+
+
+def _flash_bwd(tq, tk, per_q, per_k, res, dout):
+  q, k, v, mask, out, lse = res
+  dq, dk, dv = _backward(q, k, v, mask, out.astype(jnp.float32), lse, dout.astype(q.dtype), tq, tk, per_q, per_k)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_flash_hm.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q, k, v, frame_mask=None, probe=False, *, block_q=512, block_k=2048):
+  """The `flash` backend (signature of `asvd.models.attention`): exact softmax attention with f32
+  scores and accumulation, memory flat in the sequence lengths. `probe` is not served (None)."""
+  b, sq, h, dh = q.shape
+  sk = k.shape[1]
+  fq, fk = (1, 1) if frame_mask is None else frame_mask.shape[-2:]
+  tq, tk = frame_tile(sq, fq, block_q), frame_tile(sk, fk, block_k)
+  mask = None if frame_mask is None else jnp.broadcast_to(jnp.asarray(frame_mask, bool), (b, fq, fk))
+  hm = lambda x: jnp.transpose(x, (2, 0, 1, 3))  # noqa: E731  [B, S, H, Dh] -> [H, B, S, Dh]
+  o = _flash_hm(hm(q), hm(k), hm(v), mask, tq, tk, sq // fq, sk // fk)
+  return jnp.transpose(o, (1, 2, 0, 3)), None
+
+
+__all__ = ["flash_attention", "frame_tile"]
