@@ -48,6 +48,24 @@ def _masked(s, bits, tq, tk):
   return s.reshape(b, tq, tk)
 
 
+def _key_tile(k_h, v_h, mask, qi, ki, tq, tk, per_q, per_k):
+  """Key tile `ki` of one head (`[B, tk, Dh]` keys and values) and its frame bits (or None)."""
+  kt = jax.lax.dynamic_slice_in_dim(k_h, ki * tk, tk, axis=1)
+  vt = jax.lax.dynamic_slice_in_dim(v_h, ki * tk, tk, axis=1)
+  return kt, vt, None if mask is None else _tile_mask(mask, qi, ki, tq, tk, per_q, per_k)
+
+
+def _scores(qt, kt, bits, scale):
+  """Scaled f32 scores `[B, tq, tk]` of a tile, masked frames at `_NEG`."""
+  s = jnp.einsum("bqd,bkd->bqk", qt, kt, preferred_element_type=jnp.float32) * scale
+  return s if bits is None else _masked(s, bits, qt.shape[1], kt.shape[1])
+
+
+def _unless_masked(bits, update, carry):
+  """`update(carry)`, skipped (a `lax.cond`) when the tile is masked for every sample."""
+  return update(carry) if bits is None else jax.lax.cond(bits.any(), update, lambda c: c, carry)
+
+
 def _forward(q, k, v, mask, tq, tk, per_q, per_k):
   """`(out [H, B, Sq, Dh] f32, lse [H, B, Sq] f32)`."""
   h, b, sq, dh = q.shape
@@ -60,24 +78,18 @@ def _forward(q, k, v, mask, tq, tk, per_q, per_k):
     qt = jax.lax.dynamic_slice_in_dim(q[hi], qi * tq, tq, axis=1)  # [B, tq, Dh]
 
     def body(carry, ki):
-      kt = jax.lax.dynamic_slice_in_dim(k[hi], ki * tk, tk, axis=1)
-      vt = jax.lax.dynamic_slice_in_dim(v[hi], ki * tk, tk, axis=1)
-      bits = None if mask is None else _tile_mask(mask, qi, ki, tq, tk, per_q, per_k)
+      kt, vt, bits = _key_tile(k[hi], v[hi], mask, qi, ki, tq, tk, per_q, per_k)
 
       def update(carry):
         m_i, l_i, acc = carry
-        s = jnp.einsum("bqd,bkd->bqk", qt, kt, preferred_element_type=jnp.float32) * scale
-        if bits is not None:
-          s = _masked(s, bits, tq, tk)
+        s = _scores(qt, kt, bits, scale)
         m_new = jnp.maximum(m_i, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m_i - m_new)
         acc = acc * corr[..., None] + jnp.einsum("bqk,bkd->bqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
         return m_new, l_i * corr + p.sum(-1), acc
 
-      if bits is None:
-        return update(carry), None
-      return jax.lax.cond(bits.any(), update, lambda c: c, carry), None
+      return _unless_masked(bits, update, carry), None
 
     init = (jnp.full((b, tq), _NEG, jnp.float32), jnp.zeros((b, tq), jnp.float32), jnp.zeros((b, tq, dh), jnp.float32))
     (m, denom, acc), _ = jax.lax.scan(body, init, jnp.arange(nk))
@@ -105,17 +117,11 @@ def _backward(q, k, v, mask, out, lse, dout, tq, tk, per_q, per_k):
       qt, dot, lse_t, d_t = sl(q[hi]), sl(dout[hi]), sl(lse[hi]), sl(delta[hi])
 
       def k_step(carry, ki):
-        dq, dk, dv = carry
-        kt = jax.lax.dynamic_slice_in_dim(k[hi], ki * tk, tk, axis=1)
-        vt = jax.lax.dynamic_slice_in_dim(v[hi], ki * tk, tk, axis=1)
-        bits = None if mask is None else _tile_mask(mask, qi, ki, tq, tk, per_q, per_k)
+        kt, vt, bits = _key_tile(k[hi], v[hi], mask, qi, ki, tq, tk, per_q, per_k)
 
         def update(carry):
           dq, dk, dv = carry
-          s = jnp.einsum("bqd,bkd->bqk", qt, kt, preferred_element_type=jnp.float32) * scale
-          if bits is not None:
-            s = _masked(s, bits, tq, tk)
-          p = jnp.exp(s - lse_t[..., None])  # [B, tq, tk]
+          p = jnp.exp(_scores(qt, kt, bits, scale) - lse_t[..., None])  # [B, tq, tk]
           dv_t = jnp.einsum("bqk,bqd->bkd", p.astype(dot.dtype), dot, preferred_element_type=jnp.float32)
           dp = jnp.einsum("bqd,bkd->bqk", dot, vt, preferred_element_type=jnp.float32)
           ds = (p * (dp - d_t[..., None]) * scale).astype(q.dtype)
@@ -124,9 +130,7 @@ def _backward(q, k, v, mask, out, lse, dout, tq, tk, per_q, per_k):
           add = lambda acc, t: jax.lax.dynamic_update_slice_in_dim(acc, jax.lax.dynamic_slice_in_dim(acc, ki * tk, tk, axis=1) + t, ki * tk, axis=1)  # noqa: E731
           return dq, add(dk, dk_t), add(dv, dv_t)
 
-        if bits is None:
-          return update(carry), None
-        return jax.lax.cond(bits.any(), update, lambda c: c, carry), None
+        return _unless_masked(bits, update, carry), None
 
       (dq, dk, dv), _ = jax.lax.scan(k_step, (jnp.zeros((b, tq, dh), jnp.float32), dk, dv), jnp.arange(nk))
       return (dk, dv), dq
