@@ -55,9 +55,11 @@ def _key_tile(k_h, v_h, mask, qi, ki, tq, tk, per_q, per_k):
   return kt, vt, None if mask is None else _tile_mask(mask, qi, ki, tq, tk, per_q, per_k)
 
 
-def _scores(qt, kt, bits, scale):
-  """Scaled f32 scores `[B, tq, tk]` of a tile, masked frames at `_NEG`."""
-  s = jnp.einsum("bqd,bkd->bqk", qt, kt, preferred_element_type=jnp.float32) * scale
+def _scores(qt, kt, bits):
+  """Unscaled f32 logits `[B, tq, tk]` of a tile, masked frames at `_NEG`. The softmax scale is
+  applied inside the exponentials (`exp(scale (s - m))`), where it fuses, instead of in a pass
+  of its own over the tile."""
+  s = jnp.einsum("bqd,bkd->bqk", qt, kt, preferred_element_type=jnp.float32)
   return s if bits is None else _masked(s, bits, qt.shape[1], kt.shape[1])
 
 
@@ -81,20 +83,21 @@ def _forward(q, k, v, mask, tq, tk, per_q, per_k):
       kt, vt, bits = _key_tile(k[hi], v[hi], mask, qi, ki, tq, tk, per_q, per_k)
 
       def update(carry):
-        m_i, l_i, acc = carry
-        s = _scores(qt, kt, bits, scale)
+        m_i, l_i, acc = carry  # running max of the logits, softmax denominator, output
+        s = _scores(qt, kt, bits)
         m_new = jnp.maximum(m_i, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])
-        corr = jnp.exp(m_i - m_new)
-        acc = acc * corr[..., None] + jnp.einsum("bqk,bkd->bqd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
-        return m_new, l_i * corr + p.sum(-1), acc
+        # One pass: the probabilities in the value dtype; the denominator sums exactly those.
+        p = jnp.exp(scale * (s - m_new[..., None])).astype(v.dtype)
+        corr = jnp.exp(scale * (m_i - m_new))
+        acc = acc * corr[..., None] + jnp.einsum("bqk,bkd->bqd", p, vt, preferred_element_type=jnp.float32)
+        return m_new, l_i * corr + p.astype(jnp.float32).sum(-1), acc
 
       return _unless_masked(bits, update, carry), None
 
     init = (jnp.full((b, tq), _NEG, jnp.float32), jnp.zeros((b, tq), jnp.float32), jnp.zeros((b, tq, dh), jnp.float32))
     (m, denom, acc), _ = jax.lax.scan(body, init, jnp.arange(nk))
     denom = jnp.where(denom > 0, denom, 1.0)  # every tile skipped: only a row masked everywhere
-    return acc / denom[..., None], m + jnp.log(denom)
+    return acc / denom[..., None], scale * m + jnp.log(denom)
 
   out, lse = jax.lax.map(q_tile, jnp.arange(h * nq))  # [H nq, B, tq, Dh], [H nq, B, tq]
   out = jnp.moveaxis(out.reshape(h, nq, b, tq, dh), 1, 2).reshape(h, b, sq, dh)
@@ -121,7 +124,7 @@ def _backward(q, k, v, mask, out, lse, dout, tq, tk, per_q, per_k):
 
         def update(carry):
           dq, dk, dv = carry
-          p = jnp.exp(_scores(qt, kt, bits, scale) - lse_t[..., None])  # [B, tq, tk]
+          p = jnp.exp(scale * _scores(qt, kt, bits) - lse_t[..., None])  # [B, tq, tk]
           dv_t = jnp.einsum("bqk,bqd->bkd", p.astype(dot.dtype), dot, preferred_element_type=jnp.float32)
           dp = jnp.einsum("bqd,bkd->bqk", dot, vt, preferred_element_type=jnp.float32)
           ds = (p * (dp - d_t[..., None]) * scale).astype(q.dtype)
