@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -153,6 +154,15 @@ def test_bad_train_config_errors(tmp_path):
   assert p.returncode == 2 and "train.stages" in p.stderr
   p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "x"), "--config.train.data.frames=4"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 2 and "train.data.frames" in p.stderr
+  # Checked before any work (in-process: the same check_config the CLI calls first).
+  for over, named in (
+    (["train.causal_init.method=odee"], "train.causal_init.method"),
+    (["train.horizon_frames=4", "train.data.frames=9"], "train.horizon_frames"),  # ODE init: H >= Wp + F
+    (["rollout.anchor=none", "rollout.positions=absolute", "train.stages=('dmd',)", "train.sample_chunks=8"], "train.sample_chunks"),
+    (["train.dmd.reencode_vae=/nonexistent/vae.pth"], "train.dmd.reencode_vae"),
+  ):
+    with pytest.raises(asvd.UsageError, match=re.escape(named)):
+      trainer.check_config(asvd.load_config("configs/tiny.py", over))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -86,6 +86,13 @@ def check_config(cfg) -> None:
     raise UsageError(f"train.horizon_frames={h}: ODE causal init samples H-frame clips holding the context and a chunk, Wp + F = {lay.window_frames + lay.chunk_frames}")
   if ode and int(t.causal_init.ode_steps) < 1:
     raise UsageError(f"train.causal_init.ode_steps={t.causal_init.ode_steps} must be >= 1")
+  if int(t.sample_every) < 0 or int(t.sample_chunks) < 1:
+    raise UsageError(f"train.sample_every={t.sample_every} must be >= 0 and train.sample_chunks={t.sample_chunks} >= 1")
+  if int(t.sample_every) > 0 and any(s != "teacher" for s in t.stages):
+    try:  # the sample videos are rollouts: the absolute preset's buffer must hold them
+      tr.check_absolute(lay, 0, int(t.sample_chunks))
+    except UsageError as e:
+      raise UsageError(f"train.sample_chunks={t.sample_chunks}: {e}") from e
   tf = "causal_init" in t.stages and not ode
   need = max(h if "teacher" in t.stages else 0, lay.window_frames + lay.chunk_frames if tf else 0)
   if frames < need:
