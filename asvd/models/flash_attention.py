@@ -145,8 +145,28 @@ def _backward(q, k, v, mask, out, lse, dout, tq, tk, per_q, per_k):
   return jax.lax.map(head, jnp.arange(h))
 
 
+def _single_tile(q, k, v, mask, tq, per_q, per_k):
+  """The forward when one key tile holds every key: a plain softmax per query tile (which
+  XLA:CPU fuses into the score dot, about 10% faster than the online form's separate passes).
+  Used when no gradient is asked for; the VJP's forward keeps the log-sum-exp form."""
+  h, b, sq, dh = q.shape
+  nq, scale = sq // tq, dh**-0.5
+  qt = jnp.transpose(q.reshape(h, b, nq, tq, dh), (0, 2, 1, 3, 4)).reshape(h * nq, b, tq, dh)
+
+  def step(i):
+    hi, qi = i // nq, i % nq
+    bits = None if mask is None else _tile_mask(mask, qi, 0, tq, k.shape[2], per_q, per_k)
+    p = jax.nn.softmax(_scores(qt[i], k[hi], bits) * scale, axis=-1)
+    return jnp.einsum("bqk,bkd->bqd", p.astype(v.dtype), v[hi], preferred_element_type=jnp.float32)
+
+  o = jax.lax.map(step, jnp.arange(h * nq))  # [H nq, B, tq, Dh]
+  return jnp.moveaxis(o.reshape(h, nq, b, tq, dh), 1, 2).reshape(h, b, sq, dh)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _flash_hm(q, k, v, mask, tq, tk, per_q, per_k):
+  if tk == k.shape[2]:
+    return _single_tile(q, k, v, mask, tq, per_q, per_k).astype(q.dtype)
   return _forward(q, k, v, mask, tq, tk, per_q, per_k)[0].astype(q.dtype)
 
 
