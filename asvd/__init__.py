@@ -25,6 +25,8 @@ _LAZY = {
   # VAE and text encoder.
   "WanVAE": "asvd.models.vae",
   "load_vae": "asvd.ckpt.vae_port",
+  "TAEHV": "asvd.models.taehv",
+  "load_taehv": "asvd.ckpt.taehv_port",
   "UMT5Encoder": "asvd.models.umt5",
   "load_text_encoder": "asvd.ckpt.umt5_port",
   "load_tokenizer": "asvd.text.tokenizer",
