@@ -27,6 +27,7 @@ _LAZY = {
   "load_vae": "asvd.ckpt.vae_port",
   "TAEHV": "asvd.models.taehv",
   "load_taehv": "asvd.ckpt.taehv_port",
+  "load_decoder": "asvd.pipeline",
   "UMT5Encoder": "asvd.models.umt5",
   "load_text_encoder": "asvd.ckpt.umt5_port",
   "load_tokenizer": "asvd.text.tokenizer",

@@ -41,14 +41,15 @@ def add_commands(sub) -> None:
   cond = g.add_mutually_exclusive_group()
   cond.add_argument("--image", default=None, help="condition on this image (image-to-video)")
   cond.add_argument("--video", default=None, help="continue this video (its last 1+4k frames)")
-  g.add_argument("--vae", default=None, help="Wan VAE (file or folder) to decode video.mp4 when generating from a DiT alone")
+  g.add_argument("--vae", default=None, help="decoder for video.mp4 when generating from a DiT alone: a Wan VAE (file or folder) or TAEHV (taew2_1.pth)")
+  g.add_argument("--decoder", choices=["wan", "taehv"], default="wan", help="with --weights: the Wan VAE, or TAEHV (taew2_1.pth in the weights folder; fast)")
   g.add_argument("--fps", type=_int_at_least(1, 240), default=None, help="mp4 frame rate (default config.pipeline.fps = 16)")
   g.set_defaults(func=cmd_generate)
 
   d = sub.add_parser("decode", help="latents.npy -> video.mp4 with a Wan VAE, or a quick preview without one")
   d.add_argument("latents", help=".npy latents [B, F, h, w, C] or [F, h, w, C] (what `asvd generate` writes)")
   src = d.add_mutually_exclusive_group(required=True)
-  src.add_argument("--vae", default=None, help="Wan VAE: Wan2.1_VAE.pth, a diffusers vae/ folder or a Wan2.1 folder")
+  src.add_argument("--vae", default=None, help="Wan VAE (Wan2.1_VAE.pth, a diffusers vae/ folder or a Wan2.1 folder) or TAEHV (taew2_1.pth)")
   src.add_argument("--preview", action="store_true", help="no VAE: a fixed linear latent->RGB projection (preview.mp4)")
   d.add_argument("--config", default=None, help="configs/X.py[:arg] whose pipeline.vae names a non-default VAE architecture")
   d.add_argument("--fps", type=_int_at_least(1, 240), default=None, help="frame rate (default config.pipeline.fps = 16)")
@@ -216,6 +217,8 @@ def cmd_t2v(args, overrides) -> None:
   _check_inputs(args)
   _check_model_config(cfg, overrides, True)
   pipeline.find_weights(args.weights, args.checkpoint)  # every missing file listed, before loading
+  if args.decoder == "taehv":
+    pipeline.find_taehv(args.weights)
   cond_path = args.image or args.video
   condition = None
   if cond_path:  # read (and fail on a bad file) before loading any weights
@@ -223,7 +226,7 @@ def cmd_t2v(args, overrides) -> None:
     hw = (cfg.rollout.latent_hw[0] * s, cfg.rollout.latent_hw[1] * s)
     condition = pipeline.read_condition(cond_path, hw)
   out = OutputDir(args.out, ["video.mp4", "generate.json"])
-  pipe = pipeline.T2V.from_weights(args.weights, config=cfg, checkpoint=args.checkpoint)
+  pipe = pipeline.T2V.from_weights(args.weights, config=cfg, checkpoint=args.checkpoint, decoder=args.decoder)
   prog = _Progress(args.chunks + (1 if condition is not None else 0), "t2v", int(cfg.rollout.chunk_frames))
   try:
     n = video.write_mp4(
@@ -234,7 +237,7 @@ def cmd_t2v(args, overrides) -> None:
     )
   finally:
     prog.close()
-  out.write_json("generate.json", {"prompt": args.prompt, "weights": args.weights, "checkpoint": args.checkpoint, "config": args.config, "overrides": overrides, "seed": args.seed, "frames": n})
+  out.write_json("generate.json", {"prompt": args.prompt, "weights": args.weights, "checkpoint": args.checkpoint, "config": args.config, "overrides": overrides, "seed": args.seed, "frames": n, "decoder": args.decoder})
   print(f"wrote {out.path('video.mp4')} ({n} frames) and generate.json")
 
 
@@ -253,7 +256,7 @@ def cmd_generate(args, overrides) -> None:
   fps = args.fps or int(cfg.pipeline.fps)
   vae = None
   if args.vae:
-    vae = asvd.load_vae(args.vae, config=pipeline.plain_config(cfg.pipeline.get("vae")))
+    vae = pipeline.load_decoder(args.vae, config=cfg)
   f = int(cfg.rollout.chunk_frames)
   chunks = []
   prog = _Progress(args.chunks, "generate", f)
@@ -288,7 +291,6 @@ def cmd_generate(args, overrides) -> None:
 
 
 def cmd_decode(args, overrides) -> None:
-  import asvd  # noqa: PLC0415
   from asvd import pipeline, video  # noqa: PLC0415
   from asvd.outputs import OutputDir  # noqa: PLC0415
 
@@ -313,9 +315,10 @@ def cmd_decode(args, overrides) -> None:
       video.write_mp4([video.latent_preview(lat[i])], out.path(n), fps=max(1, round(fps / 4)))
     print(f"wrote {', '.join(names)} (preview: fixed linear latent->RGB projection, not a VAE decode)")
     return
-  vae = asvd.load_vae(args.vae, config=pipeline.plain_config(cfg.pipeline.get("vae")))
-  if lat.shape[-1] != vae.config.z_dim:
-    raise UsageError(f"{args.latents}: {lat.shape[-1]} latent channels, the VAE {args.vae} takes {vae.config.z_dim}")
+  vae = pipeline.load_decoder(args.vae, config=cfg)
+  z = vae.config.z_dim if hasattr(vae, "config") else vae.cfg.latent_channels
+  if lat.shape[-1] != z:
+    raise UsageError(f"{args.latents}: {lat.shape[-1]} latent channels, the decoder {args.vae} takes {z}")
   f = int(cfg.rollout.chunk_frames)
   for i, n in enumerate(names):
     chunks = (np.asarray(lat[i : i + 1, s : s + f], np.float32) for s in range(0, lat.shape[1], f))

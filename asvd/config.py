@@ -141,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   )
   # Text-to-video pipeline (asvd.pipeline): None = the published Wan2.1 VAE / umT5-XXL; a dict
   # of constructor arguments selects another architecture (used by tiny end-to-end tests).
-  c.pipeline = ml_collections.ConfigDict(dict(vae=None, text_encoder=None, fps=16))
+  c.pipeline = ml_collections.ConfigDict(dict(vae=None, text_encoder=None, taehv=None, fps=16))
   # Runtime: a persistent XLA compilation cache folder ("" = off) so that a second `asvd`
   # process reuses compiled programs instead of compiling again.
   c.runtime = ml_collections.ConfigDict(dict(compilation_cache_dir=""))

@@ -31,6 +31,7 @@ VAE_FILES = ("Wan2.1_VAE.pth", "vae")
 T5_FILES = ("models_t5_umt5-xxl-enc-bf16.pth", "text_encoder")
 TOKENIZER_FILES = ("google/umt5-xxl", "tokenizer")
 DIT_FILES = ("self_forcing_dmd.pt", "checkpoints/self_forcing_dmd.pt", "asvd_dit")
+TAEHV_FILES = ("taew2_1.pth", "taew2_1.safetensors")
 
 
 def _first(weights: str, names) -> str | None:
@@ -88,14 +89,39 @@ def load_encoders(weights: str, config):
   return tok, enc, vae
 
 
+def load_decoder(path: str, *, config=None):
+  """The video decoder in `path`: TAEHV for a `taew*`/`taehv*` file (`config.pipeline.taehv` may
+  give a non-default TAEHV), else the Wan VAE (`config.pipeline.vae`). Both stream with
+  `init_decode_cache` / `decode_chunk` (`decode_stream`)."""
+  import asvd  # noqa: PLC0415
+  from asvd.ckpt.taehv_port import is_taehv_file  # noqa: PLC0415
+
+  p = {} if config is None else config.get("pipeline", {})
+  if is_taehv_file(path):
+    from asvd.models.taehv import TAEHVConfig  # noqa: PLC0415
+
+    t = plain_config(p.get("taehv"))
+    return asvd.load_taehv(path, config=TAEHVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in t.items()}) if t else None)
+  return asvd.load_vae(path, dtype=jnp.float32, config=plain_config(p.get("vae")))
+
+
+def find_taehv(weights: str) -> str:
+  """`taew2_1.pth` (or `.safetensors`) in the weights folder, or one clear error."""
+  for name in TAEHV_FILES:
+    if os.path.isfile(os.path.join(weights, name)):
+      return os.path.join(weights, name)
+  raise FileNotFoundError(f"--decoder taehv: put {' or '.join(TAEHV_FILES)} (madebyollin/taehv) in the weights folder {weights!r}")
+
+
 class T2V:
   """The loaded pipeline: tokenizer, text encoder, DiT, VAE and the config."""
 
-  def __init__(self, *, tokenizer, text_encoder, dit, vae, config):
+  def __init__(self, *, tokenizer, text_encoder, dit, vae, config, decoder=None):
     self.tokenizer, self.text_encoder, self.dit, self.vae, self.config = tokenizer, text_encoder, dit, vae, config
+    self.decoder = vae if decoder is None else decoder  # what turns latents into frames
 
   @classmethod
-  def from_weights(cls, weights: str, *, config, checkpoint: str | None = None) -> T2V:
+  def from_weights(cls, weights: str, *, config, checkpoint: str | None = None, decoder: str = "wan") -> T2V:
     """Loads every component (see the module docstring for the folder layout).
 
     Args:
@@ -104,6 +130,8 @@ class T2V:
         give non-default architectures (None: the published Wan2.1 ones), `config.model` the DiT
         (used for checkpoints that carry no config, such as a bare Self-Forcing .pt).
       checkpoint: the DiT checkpoint (default: found in `weights`).
+      decoder: "wan" (the Wan VAE) or "taehv" (`taew2_1.pth` in `weights`: the tiny decoder;
+        the Wan VAE still encodes conditioning frames).
     """
     import asvd  # noqa: PLC0415
 
@@ -117,8 +145,11 @@ class T2V:
     kw: dict[str, Any] = {"dtype": dt, **compute_settings(config.model)}
     if os.path.isfile(dit_path) and not os.path.isfile(os.path.join(os.path.dirname(dit_path), "config.json")):
       kw["model_config"] = config.model
+    if decoder not in ("wan", "taehv"):
+      raise ValueError(f"decoder={decoder!r}: choose 'wan' or 'taehv'")
+    fast = load_decoder(find_taehv(weights), config=config) if decoder == "taehv" else None
     dit = asvd.load_dit(dit_path, **kw)
-    return cls(tokenizer=tok, text_encoder=enc, dit=dit, vae=vae, config=config)
+    return cls(tokenizer=tok, text_encoder=enc, dit=dit, vae=vae, config=config, decoder=fast)
 
   def encode_prompt(self, prompts) -> jax.Array:
     import asvd  # noqa: PLC0415
@@ -147,11 +178,12 @@ class T2V:
       carry = asvd.prefill(self.dit, ctx, lat, config=rc, sampler_config=self.config.sampler)
       head = [lat]  # decoded first, so the decoder's causal cache continues from the given frames
     generated = asvd.stream(self.dit, ctx, jax.random.key(seed), config=rc, sampler_config=self.config.sampler, num_chunks=chunks, carry=carry)
-    yield from decode_stream(self.vae, itertools.chain(head, generated))
+    yield from decode_stream(self.decoder, itertools.chain(head, generated))
 
 
 def decode_stream(vae, latent_chunks) -> Iterator[np.ndarray]:
-  """Decodes latent chunks `[1, F, h, w, C]` one after another with the VAE's causal-conv cache.
+  """Decodes latent chunks `[1, F, h, w, C]` one after another with the decoder's streaming cache
+  (the Wan VAE's causal-conv cache, or TAEHV's MemBlock memory).
 
   Yields uint8 frames `[T, H, W, 3]` per chunk (1 + 4(F-1) for the first chunk, 4F after).
   """

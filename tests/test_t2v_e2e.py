@@ -25,6 +25,7 @@ from asvd.ckpt import vae_port  # noqa: E402
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 VAE_CFG = dict(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True, True])
+TAEHV_CFG = dict(decoder_channels=(16, 8, 8, 8), encoder_channels=8)
 T5_CFG = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128)
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,12 @@ def weights(tmp_path_factory):
   wan = {f"model.{k}": v for k, v in dit_to_wan_names(dit.state_dict()).items()}
   torch.save({"generator": wan, "generator_ema": wan, "critic": {}}, root / "self_forcing_dmd.pt")
   (root / "config.json").write_text(json.dumps({"model_type": "t2v", "dim": 64, "num_heads": 2, "ffn_dim": 128, "freq_dim": 32, "num_layers": 2, "in_dim": 16, "out_dim": 16, "text_dim": 32, "text_len": 16, "patch_size": [1, 2, 2], "eps": 1e-6}))
+  # TAEHV in the published key layout (tiny widths; the config names them in pipeline.taehv).
+  from taehv_ref import Ref  # noqa: PLC0415
+
+  from asvd.models.taehv import TAEHVConfig  # noqa: PLC0415
+
+  torch.save(Ref(TAEHVConfig(**TAEHV_CFG)).state_dict(), root / "taew2_1.pth")
   cfg = root / "tiny_t2v.py"
   cfg.write_text(
     "from asvd.config import load_config\n\n\n"
@@ -58,6 +65,7 @@ def weights(tmp_path_factory):
     "  c = load_config('configs/tiny.py')\n"
     f"  c.pipeline.vae = {dict(VAE_CFG, latents_mean=mean, latents_std=std)!r}\n"
     "  c.pipeline.text_encoder = dict(vocab_size=128, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, num_buckets=32, max_distance=128)\n"
+    f"  c.pipeline.taehv = {TAEHV_CFG!r}\n"
     "  c.rollout.latent_hw = (4, 4)\n"
     "  return c\n"
   )
@@ -84,6 +92,43 @@ def test_generate_mp4_from_prompt(weights, tmp_path):
   assert frames.std() > 1.0  # not a constant image
   meta = json.loads((tmp_path / "generate.json").read_text())
   assert meta["frames"] == 21
+
+
+def test_taehv_decoder_streams_the_rollout(weights, tmp_path):
+  """`--decoder taehv`: the same frame counts as the Wan VAE, and the frames are TAEHV's decode of
+  `asvd.rollout`'s latents for the same prompt and seed (the pipeline's value-level check)."""
+  import jax  # noqa: PLC0415
+
+  import asvd  # noqa: PLC0415
+  from asvd import pipeline, video  # noqa: PLC0415
+
+  root, cfg = weights
+  p = run("generate", "--config", str(cfg), "--weights", str(root), "--prompt", "a cat surfing a wave", "--decoder", "taehv", "--chunks", "2", "--out", str(tmp_path))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert read_video(tmp_path / "video.mp4").shape == (9 + 12, 32, 32, 3)
+  conf = asvd.load_config(str(cfg))
+  pipe = pipeline.T2V.from_weights(str(root), config=conf, decoder="taehv")
+  assert isinstance(pipe.decoder, asvd.TAEHV)
+  got = frames_of(pipe.generate("a red car at night", chunks=2, seed=3))
+  lat, _ = asvd.rollout(pipe.dit, pipe.encode_prompt(["a red car at night"]), jax.random.key(3), num_chunks=2, config=conf.rollout, sampler_config=conf.sampler)
+  want = video.to_uint8(pipe.decoder.decode(lat)[0]).astype(np.int32)
+  assert got.shape == want.shape == (21, 32, 32, 3)
+  assert np.abs(got - want).max() <= 1
+  # DiT-only generation and `asvd decode` take the TAEHV file as --vae too.
+  p = run("decode", str(tmp_path / "missing.npy"), "--vae", str(root / "taew2_1.pth"), "--out", str(tmp_path / "d"))
+  assert p.returncode == 2 and "missing.npy" in p.stderr
+  np.save(tmp_path / "lat.npy", np.asarray(lat))
+  p = run("decode", str(tmp_path / "lat.npy"), "--vae", str(root / "taew2_1.pth"), "--config", str(cfg), "--out", str(tmp_path / "d"))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert np.abs(read_video(tmp_path / "d" / "video.mp4").astype(np.int32) - want).mean() < 3  # h264
+  # Without the file, one line naming it.
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  for f in root.iterdir():
+    if f.name != "taew2_1.pth":
+      os.symlink(f, bare / f.name)
+  p = run("generate", "--config", str(cfg), "--weights", str(bare), "--prompt", "x", "--decoder", "taehv", "--out", str(tmp_path / "o"))
+  assert p.returncode == 2 and "taew2_1.pth" in p.stderr
 
 
 def test_image_conditioning(weights, tmp_path):

@@ -20,6 +20,7 @@ the reference implementation (madebyollin/taehv); the code is ours.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -190,7 +191,16 @@ class TAEHV(nnx.Module):
         last[i] = jnp.zeros((batch, h * up, w * up, c), self.dtype)
     return DecodeMemory(last=last, started=False)
 
+  def init_decode_cache(self, batch: int, h: int, w: int) -> DecodeMemory:
+    """`init_decode_memory` under the Wan VAE's name, so either decoder streams the same way."""
+    return self.init_decode_memory(batch, h, w)
+
   def decode_chunk(self, z_bfhwc: Array, memory: DecodeMemory) -> tuple[Array, DecodeMemory]:
+    """`decode_chunk_fn` through a jit cached per model graph (two compiles: first and later)."""
+    graphdef, state = nnx.split(self)
+    return _decode_chunk_jit(graphdef)(state, jnp.asarray(z_bfhwc), memory)
+
+  def decode_chunk_fn(self, z_bfhwc: Array, memory: DecodeMemory) -> tuple[Array, DecodeMemory]:
     """Latents `[B, f, h, w, C]` -> pixels `[B, T, H, W, 3]` in [-1, 1] and the new memory;
     `T = 4 f - 3` for the first chunk of a video, `4 f` after (the Wan VAE's counts)."""
     layers = {int(k): v for k, v in self.decoder.items()}
@@ -203,7 +213,7 @@ class TAEHV(nnx.Module):
   def decode(self, z_bfhwc: Array) -> Array:
     """A whole video of latents -> pixels (one chunk from zero memory)."""
     b, _, h, w, _ = z_bfhwc.shape
-    return self.decode_chunk(z_bfhwc, self.init_decode_memory(b, h, w))[0]
+    return self.decode_chunk_fn(z_bfhwc, self.init_decode_memory(b, h, w))[0]
 
   def num_pixel_frames(self, num_latent_frames: int, *, first: bool = True) -> int:
     return self.cfg.t_upscale * num_latent_frames - (self.cfg.t_upscale - 1 if first else 0)
@@ -226,6 +236,14 @@ class TAEHV(nnx.Module):
         last[i] = jnp.zeros((b, h // down, w // down, self.cfg.encoder_channels), self.dtype)
     layers = {int(k): v for k, v in self.encoder.items()}
     return _run(layers, self._enc_kinds, x.astype(self.dtype), last)[0].astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_chunk_jit(graphdef):
+  def decode_chunk(state, z, memory):
+    return nnx.merge(graphdef, state).decode_chunk_fn(z, memory)
+
+  return jax.jit(decode_chunk)
 
 
 def init_taehv(config: TAEHVConfig | None = None, key: int = 0, *, dtype: Any = jnp.float32) -> TAEHV:
