@@ -316,9 +316,8 @@ def cmd_decode(args, overrides) -> None:
     print(f"wrote {', '.join(names)} (preview: fixed linear latent->RGB projection, not a VAE decode)")
     return
   vae = pipeline.load_decoder(args.vae, config=cfg)
-  z = vae.config.z_dim if hasattr(vae, "config") else vae.cfg.latent_channels
-  if lat.shape[-1] != z:
-    raise UsageError(f"{args.latents}: {lat.shape[-1]} latent channels, the decoder {args.vae} takes {z}")
+  if lat.shape[-1] != vae.latent_channels:
+    raise UsageError(f"{args.latents}: {lat.shape[-1]} latent channels, the decoder {args.vae} takes {vae.latent_channels}")
   f = int(cfg.rollout.chunk_frames)
   for i, n in enumerate(names):
     chunks = (np.asarray(lat[i : i + 1, s : s + f], np.float32) for s in range(0, lat.shape[1], f))

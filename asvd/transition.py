@@ -543,6 +543,31 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
 
 
 @functools.lru_cache(maxsize=16)
+def abstract_transition(model: WanDiT, lay: Layout, batch: int = 1):
+  """`(jitted step, args)` with `args = (params, state, cache, noise)` as ShapeDtypeStructs: the
+  transition of `model` (e.g. `abstract_dit(config)`, no weights) ready to lower and compile
+  without running anything, for memory planning and ahead-of-time compiles
+  (`step.lower(*args).compile().memory_analysis()`)."""
+  cfg = model.cfg
+  graphdef, params = nnx.split(model)
+
+  def carry(p, context):
+    m = nnx.merge(graphdef, p)
+    return empty_carry(m, m.text_kv(context), lay)
+
+  context = jax.ShapeDtypeStruct((batch, cfg.text_len, cfg.text_dim), jnp.dtype(cfg.dtype))
+  state, cache = jax.eval_shape(carry, params, context)
+  noise = jax.ShapeDtypeStruct(noise_shape(lay, batch, cfg.in_channels), jnp.float32)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+  # A fresh jit (not `_jitted_step`'s cached one): a trace made for one platform's attention
+  # (`attention.auto_platform`) must not be reused for another.
+  def transition_step(params, state, cache, noise):
+    return transition_fn(nnx.merge(graphdef, params), lay, state, cache, noise)
+
+  return jax.jit(transition_step), (params, state, cache, noise)
+
+
 def _jitted_step(graphdef, lay: Layout, mesh, rules):
   """One jitted transition per (model graph, layout, mesh, rules): compiled once per process."""
   rules = None if rules is None else dict(rules)
@@ -559,5 +584,5 @@ def _jitted_step(graphdef, lay: Layout, mesh, rules):
   return jax.jit(transition_step, **kw)
 
 
-__all__ = ["make_transition", "transition_fn", "Layout", "make_layout", "Cache"]
+__all__ = ["make_transition", "transition_fn", "abstract_transition", "Layout", "make_layout", "Cache"]
 

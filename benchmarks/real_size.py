@@ -60,22 +60,13 @@ def measure(spec: str, overrides: list[str]) -> dict:
     cfg = asvd.load_config(spec, [*overrides, *extra])
     model = abstract_dit(cfg.model)
     lay = tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler)
-    graphdef, params = nnx.split(model)
+    step, args = tr.abstract_transition(model, lay)
+    return cfg, lay, nnx.split(model)[0], step, args
 
-    def carry(p, ctx):
-      mm = nnx.merge(graphdef, p)
-      return tr.empty_carry(mm, mm.text_kv(ctx), lay)
-
-    ctx = jax.ShapeDtypeStruct((1, cfg.model.text_len, cfg.model.text_dim), jnp.dtype(cfg.model.dtype))
-    state, cache = jax.eval_shape(carry, params, ctx)
-    return cfg, lay, graphdef, params, state, cache
-
-  cfg, lay, graphdef, params, state, cache = setup([])
-  noise = jax.ShapeDtypeStruct(tr.noise_shape(lay, 1, cfg.model.in_channels), jnp.float32)
-  step = jax.jit(lambda p, s, c, n: tr.transition_fn(nnx.merge(graphdef, p), lay, s, c, n))
+  cfg, lay, _, step, (params, state, cache, noise) = setup([])
   temps = step.lower(params, state, cache, noise).compile().memory_analysis().temp_size_in_bytes
   # One forward, unrolled, reference attention: XLA counts every layer.
-  cfg_u, lay_u, g_u, p_u, _, cache_u = setup(["model.scan_layers=False", "model.attention=xla"])
+  cfg_u, lay_u, g_u, _, (p_u, _, cache_u, _) = setup(["model.scan_layers=False", "model.attention=xla"])
   z = jax.ShapeDtypeStruct((1, lay_u.z_frames, *lay_u.latent_hw, cfg_u.model.in_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1, lay_u.z_frames), jnp.float32)
   fwd = jax.jit(lambda p, c, z, t: tr.flow(nnx.merge(g_u, p), lay_u, c, z, t))

@@ -301,19 +301,9 @@ def test_auto_attention_compiles_splash_ahead_of_time_for_a_tpu():
   cfg = asvd.load_config("configs/tiny.py:bf16", ["model.dim=256"])  # Mosaic wants 128-wide heads, as Wan's
   assert cfg.model.attention == "auto"
   model = dit_lib.abstract_dit(cfg.model)
-  lay = tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler)
-  graphdef, params = nnx.split(model)
+  step, args = tr.abstract_transition(model, tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler))
   dev = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1").devices[0]
-  on_tpu = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(dev))  # noqa: E731
-
-  def carry(p, ctx):
-    m = nnx.merge(graphdef, p)
-    return tr.empty_carry(m, m.text_kv(ctx), lay)
-
-  state, cache = jax.eval_shape(carry, params, jax.ShapeDtypeStruct((1, 16, 32), jnp.bfloat16))
-  noise = jax.ShapeDtypeStruct(tr.noise_shape(lay, 1, 16), jnp.float32)
-  step = jax.jit(lambda p, s, c, n: tr.transition_fn(nnx.merge(graphdef, p), lay, s, c, n))
-  args = jax.tree.map(on_tpu, (params, state, cache, noise))
+  args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(dev)), args)
   assert attn_lib.auto_choice(jnp.bfloat16, "tpu") == "splash"
   with attn_lib.auto_platform("tpu"):
     compiled = step.lower(*args).compile()
@@ -326,18 +316,9 @@ def _transition_temps(spec, attention):
 
   cfg = asvd.load_config(spec, [f"model.attention={attention}"])
   model = dit_lib.abstract_dit(cfg.model)
-  lay = tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler)
-  graphdef, params = nnx.split(model)
-
-  def carry(p, ctx):
-    m = nnx.merge(graphdef, p)
-    return tr.empty_carry(m, m.text_kv(ctx), lay)
-
-  state, cache = jax.eval_shape(carry, params, jax.ShapeDtypeStruct((1, cfg.model.text_len, cfg.model.text_dim), jnp.bfloat16))
-  noise = jax.ShapeDtypeStruct(tr.noise_shape(lay, 1, cfg.model.in_channels), jnp.float32)
-  step = jax.jit(lambda p, s, c, n: tr.transition_fn(nnx.merge(graphdef, p), lay, s, c, n))
-  temps = step.lower(params, state, cache, noise).compile().memory_analysis().temp_size_in_bytes
-  return temps, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  step, args = tr.abstract_transition(model, tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler))
+  temps = step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+  return temps, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(args[0]))
 
 
 def test_real_size_adaptive_transition_needs_at_most_3gb_of_temporaries():

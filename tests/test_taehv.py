@@ -64,7 +64,7 @@ def test_streaming_decode_equals_whole_video_and_wan_vae_frame_counts():
   model = init_taehv(CFG, 3)
   z = jnp.asarray(np.random.default_rng(2).normal(size=(1, 7, 4, 6, 16)), jnp.float32)
   whole = model.decode(z)
-  memory, parts = model.init_decode_memory(1, 4, 6), []
+  memory, parts = model.init_decode_cache(), []
   for a, b in ((0, 1), (1, 4), (4, 7)):  # chunks of 1 (the first latent), 3, 3
     px, memory = model.decode_chunk(z[:, a:b], memory)
     parts.append(px)

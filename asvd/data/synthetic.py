@@ -16,6 +16,8 @@ import itertools
 import numpy as np
 import tensorflow_datasets as tfds
 
+from asvd.data.features import clip_features
+
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 SPEEDS = {"slow": 1, "fast": 2}
 CAPTIONS = [f"pan {d} {s}" for d, s in itertools.product(DIRECTIONS, SPEEDS)]
@@ -82,13 +84,7 @@ class SyntheticPan(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     return tfds.core.DatasetInfo(
       builder=self,
-      features=tfds.features.FeaturesDict(
-        {
-          "latents": tfds.features.Tensor(shape=(c.frames, c.height, c.width, c.channels), dtype=np.float32),
-          "text": tfds.features.Tensor(shape=(c.text_len, c.text_dim), dtype=np.float32),
-          "caption_id": tfds.features.Scalar(dtype=np.int64),
-        }
-      ),
+      features=clip_features(c, np.float32, caption_id=tfds.features.Scalar(dtype=np.int64)),
     )
 
   def _split_generators(self, dl_manager):

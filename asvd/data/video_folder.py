@@ -27,6 +27,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from asvd.data.features import clip_features
 from asvd.errors import UsageError
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -101,13 +102,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     return tfds.core.DatasetInfo(
       builder=self,
-      features=tfds.features.FeaturesDict(
-        {
-          "latents": tfds.features.Tensor(shape=(c.frames, c.height, c.width, c.channels), dtype=np.float32),
-          "text": tfds.features.Tensor(shape=(c.text_len, c.text_dim), dtype=np.float16),
-          "source": tfds.features.Text(),
-        }
-      ),
+      features=clip_features(c, np.float16, source=tfds.features.Text()),
     )
 
   def _split_generators(self, dl_manager):

@@ -26,11 +26,12 @@ Backends:
   `flash` elsewhere.
 * `blocked`: exact attention one head and one query block at a time, so the f32 score tile stays
   in cache; 1.7x faster than `xla` on CPUs (benchmarks/README.md). It does not tile over keys.
-Register more (e.g. a TPU splash kernel) with `register_attention`.
+Register more with `register_attention`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -182,6 +183,7 @@ def _flash(q, k, v, frame_mask=None, probe=False):
 
 register_attention("flash", _flash)
 
+
 def _splash(q, k, v, frame_mask=None, probe=False):
   from asvd.models.splash_attention import splash_attention  # noqa: PLC0415
 
@@ -193,17 +195,14 @@ register_attention("splash", _splash, platforms=("tpu",))
 _AUTO_PLATFORM: list[str] = []  # set by `auto_platform` (ahead-of-time compiles for another platform)
 
 
-class auto_platform:  # noqa: N801  (a context manager used like a function)
+@contextlib.contextmanager
+def auto_platform(platform: str):
   """`with auto_platform("tpu"):` makes `auto` choose for that platform while tracing (compiling
   ahead of time for a TPU slice on a CPU host)."""
-
-  def __init__(self, platform: str):
-    self.platform = platform
-
-  def __enter__(self):
-    _AUTO_PLATFORM.append(self.platform)
-
-  def __exit__(self, *exc):
+  _AUTO_PLATFORM.append(platform)
+  try:
+    yield
+  finally:
     _AUTO_PLATFORM.pop()
 
 

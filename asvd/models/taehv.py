@@ -122,16 +122,17 @@ def _encoder_layers(cfg: TAEHVConfig, dtype, rngs):
 @struct.dataclass
 class DecodeMemory:
   """What a streaming decode carries between chunks: each MemBlock's last input frame
-  (`{layer index: [B, H_i, W_i, C_i]}`) and whether the video has started (the first chunk
-  drops the decoder's first `t_upscale - 1` frames)."""
+  (`{layer index: [B, H_i, W_i, C_i]}`; None before the first chunk) and whether the video has
+  started (the first chunk drops the decoder's first `t_upscale - 1` frames)."""
 
-  last: dict
+  last: dict | None
   started: bool = struct.field(pytree_node=False, default=False)
 
 
 def _run(layers, kinds, x_bthwc, last):
   """Applies the layers to a chunk `[B, T, H, W, C]`, parallel over time; `last` holds each
-  MemBlock's input from the frame before the chunk. Returns `(y, new last)`."""
+  MemBlock's input from the frame before the chunk (None: the start of a video, zeros, as the
+  reference pads). Returns `(y, new last)`."""
   new = {}
   for i, (kind, arg) in enumerate(kinds):
     b, t = x_bthwc.shape[:2]
@@ -149,7 +150,8 @@ def _run(layers, kinds, x_bthwc, last):
         y = m(flat)
         x_bthwc = y.reshape(b, t, *y.shape[1:])
       elif kind == "mem":
-        past = jnp.concatenate([last[i][:, None].astype(x_bthwc.dtype), x_bthwc[:, :-1]], axis=1)
+        prev = jnp.zeros_like(x_bthwc[:, :1]) if last is None else last[i][:, None].astype(x_bthwc.dtype)
+        past = jnp.concatenate([prev, x_bthwc[:, :-1]], axis=1)
         new[i] = x_bthwc[:, -1]
         y = m(flat, past.reshape(flat.shape))
         x_bthwc = y.reshape(x_bthwc.shape[:-1] + (y.shape[-1],))
@@ -180,20 +182,11 @@ class TAEHV(nnx.Module):
 
   # -- decoding -----------------------------------------------------------------------------------
 
-  def init_decode_memory(self, batch: int, h: int, w: int) -> DecodeMemory:
-    """Zero memory for a video of latents `[B, *, h, w, C]` (what the reference pads with)."""
-    last, up = {}, 1
-    for i, (kind, arg) in enumerate(self._dec_kinds):
-      if kind == "up":
-        up *= arg
-      elif kind == "mem":
-        c = self.decoder[str(i)].conv[0].weight.shape[2] // 2
-        last[i] = jnp.zeros((batch, h * up, w * up, c), self.dtype)
-    return DecodeMemory(last=last, started=False)
-
-  def init_decode_cache(self, batch: int, h: int, w: int) -> DecodeMemory:
-    """`init_decode_memory` under the Wan VAE's name, so either decoder streams the same way."""
-    return self.init_decode_memory(batch, h, w)
+  def init_decode_cache(self, batch: int = 1, h: int = 0, w: int = 0) -> DecodeMemory:
+    """The memory at the start of a video: nothing yet (the MemBlocks see zeros, as the
+    reference pads). The Wan VAE's signature; the sizes are not needed here."""
+    del batch, h, w
+    return DecodeMemory(last=None, started=False)
 
   def decode_chunk(self, z_bfhwc: Array, memory: DecodeMemory) -> tuple[Array, DecodeMemory]:
     """`decode_chunk_fn` through a jit cached per model graph (two compiles: first and later)."""
@@ -212,8 +205,11 @@ class TAEHV(nnx.Module):
 
   def decode(self, z_bfhwc: Array) -> Array:
     """A whole video of latents -> pixels (one chunk from zero memory)."""
-    b, _, h, w, _ = z_bfhwc.shape
-    return self.decode_chunk_fn(z_bfhwc, self.init_decode_memory(b, h, w))[0]
+    return self.decode_chunk_fn(z_bfhwc, self.init_decode_cache())[0]
+
+  @property
+  def latent_channels(self) -> int:
+    return self.cfg.latent_channels
 
   def num_pixel_frames(self, num_latent_frames: int, *, first: bool = True) -> int:
     return self.cfg.t_upscale * num_latent_frames - (self.cfg.t_upscale - 1 if first else 0)
@@ -227,15 +223,8 @@ class TAEHV(nnx.Module):
     t, d = x.shape[1], self.cfg.t_downscale
     if t % d:
       x = jnp.concatenate([x, jnp.repeat(x[:, -1:], d - t % d, axis=1)], axis=1)
-    b, _, h, w, _ = x.shape
-    last, down = {}, 1
-    for i, (kind, _) in enumerate(self._enc_kinds):
-      if kind == "conv" and self.encoder[str(i)].stride == 2:
-        down *= 2
-      elif kind == "mem":
-        last[i] = jnp.zeros((b, h // down, w // down, self.cfg.encoder_channels), self.dtype)
     layers = {int(k): v for k, v in self.encoder.items()}
-    return _run(layers, self._enc_kinds, x.astype(self.dtype), last)[0].astype(jnp.float32)
+    return _run(layers, self._enc_kinds, x.astype(self.dtype), None)[0].astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=8)

@@ -619,6 +619,11 @@ class WanVAE(nnx.Module):
     std = jnp.asarray(self.config.latents_std, jnp.float32)
     return mean, std
 
+  @property
+  def latent_channels(self) -> int:
+    """Channels of the latents it decodes (TAEHV has the same attribute)."""
+    return self.config.z_dim
+
   def num_pixel_frames(self, num_latent_frames: int, *, first: bool = True) -> int:
     """Pixel frames produced by decoding `num_latent_frames` (as the first chunk or a later one)."""
     tf = self.config.temporal_factor

@@ -105,7 +105,7 @@ def teacher_step(graphdef, tx, cfg):
 
 
 # ------------------------------------------------------------------------------------------------
-# Causal initialisation: teacher forcing with the [anchor; window; chunk] geometry.
+# Causal initialisation with the [anchor; window; chunk] geometry: teacher forcing or ODE regression.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -122,36 +122,38 @@ def _context_cache(model, lay: tr.Layout, ctx_frames, text, key, first):
   return cache.replace(valid=cache.valid & ~first[:, None])
 
 
-def _state_target(lay: tr.Layout, first, ctx_frames, chunk):
-  """`train.state_init_target = "last_frame"`: the state's target is the context's last frame, or
-  the chunk's first for a first chunk (empty cache)."""
-  fs = lay.state_frames
-  return jnp.where(first[:, None, None, None, None], chunk[:, :fs], ctx_frames[:, -fs:])
+def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_prob: float):
+  """The geometry both causal-init losses train on, from clean clips `[B, T, ...]`.
+
+  A random offset `o` picks `Wp` context frames and the `F` frames after them; the context is
+  written into an empty cache exactly as generated frames are (`_context_cache`; in `adaptive`
+  mode its last frame becomes the state). With probability `first_chunk_prob` a sample sees an
+  empty cache instead (the first chunk of a video). Returns `(o, text, cache, target)`: the live
+  text K/V (the text path learns), the cache, and the clean `[state target; chunk]` (the chunk
+  alone outside `adaptive` mode), the state's target being `train.state_init_target =
+  "last_frame"`: the context's last frame, or the chunk's first for a first chunk.
+  """
+  b, t_total = clips.shape[:2]
+  f, wp, fs = lay.chunk_frames, lay.window_frames, lay.state_frames
+  k_off, k_first, k_ctx = jax.random.split(key, 3)
+  o = jax.random.randint(k_off, (), 0, t_total - wp - f + 1)
+  ctx_frames = jax.lax.dynamic_slice_in_dim(clips, o, wp, axis=1)
+  chunk = jax.lax.dynamic_slice_in_dim(clips, o + wp, f, axis=1)
+  text = model.text_kv(text_ctx)
+  first = jax.random.bernoulli(k_first, first_chunk_prob, (b,))
+  cache = _context_cache(model, lay, ctx_frames, text, k_ctx, first)
+  if lay.anchor == "adaptive":
+    state_target = jnp.where(first[:, None, None, None, None], chunk[:, :fs], ctx_frames[:, -fs:])
+    chunk = jnp.concatenate([state_target, chunk], axis=1)
+  return o, text, cache, chunk
 
 
 def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: float, first_chunk_prob: float):
-  """Flow matching of one chunk (and the state) against a cache written from clean frames.
-
-  From each clip `[B, T, ...]` a random offset `o` picks `Wp` context frames and the `F` frames
-  after them. The context is written into an empty cache exactly as generated frames are
-  (`transition.write_given`: in `adaptive` mode its last frame becomes the state, the
-  `state_init_target="last_frame"` choice); the model then predicts the flow of the noised
-  [state target; chunk] with `transition.flow`, the inference call. With probability
-  `first_chunk_prob` a sample sees an empty cache instead (the first chunk of a video), whose
-  state target is the chunk's first frame.
-  """
-  b, t_total = latents.shape[:2]
-  f, wp = lay.chunk_frames, lay.window_frames
-  k_off, k_first, k_loss, k_ctx = jax.random.split(key, 4)
-  o = jax.random.randint(k_off, (), 0, t_total - wp - f + 1)
-  ctx_frames = jax.lax.dynamic_slice_in_dim(latents, o, wp, axis=1)
-  chunk = jax.lax.dynamic_slice_in_dim(latents, o + wp, f, axis=1)
-  text = model.text_kv(text_ctx)  # live: the text path learns
-  first = jax.random.bernoulli(k_first, first_chunk_prob, (b,))
-  cache = _context_cache(model, lay, ctx_frames, text, k_ctx, first)
-  target = chunk
-  if lay.anchor == "adaptive":
-    target = jnp.concatenate([_state_target(lay, first, ctx_frames, chunk), target], axis=1)
+  """Flow matching of one chunk (and the state) against a cache written from clean data frames
+  (`_chunk_in_context`); the model predicts the flow of the noised [state target; chunk] with
+  `transition.flow`, the inference call."""
+  k_geom, k_loss = jax.random.split(key)
+  _, text, cache, target = _chunk_in_context(model, lay, latents, text_ctx, k_geom, first_chunk_prob)
 
   def predict(xt, t):
     return tr.flow(model, lay, cache, xt, t, text)
@@ -207,24 +209,15 @@ def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_
   target is the chunk's clean result; in `adaptive` mode the state (target as in teacher forcing)
   joins at the same sigma, noised with fresh noise, since the teacher has no state.
   """
-  b, _, t_total = path.shape[:3]
-  f, wp, n_steps = lay.chunk_frames, lay.window_frames, len(lay.sigmas)
-  k_off, k_first, k_step, k_ctx, k_eps = jax.random.split(key, 5)
-  o = jax.random.randint(k_off, (), 0, t_total - wp - f + 1)
-  clean = path[:, -1]
-  ctx_frames = jax.lax.dynamic_slice_in_dim(clean, o, wp, axis=1)
-  chunk = jax.lax.dynamic_slice_in_dim(clean, o + wp, f, axis=1)
-  k = jax.random.randint(k_step, (b,), 0, n_steps)
-  x_t = jax.lax.dynamic_slice_in_dim(path[jnp.arange(b), k], o + wp, f, axis=1)  # [B, F, ...]
+  b, f, fz = path.shape[0], lay.chunk_frames, lay.z_frames
+  k_geom, k_step, k_eps = jax.random.split(key, 3)
+  o, text, cache, target = _chunk_in_context(model, lay, path[:, -1], text_ctx, k_geom, first_chunk_prob)
+  k = jax.random.randint(k_step, (b,), 0, len(lay.sigmas))
   sigma = jnp.asarray(lay.sigmas, jnp.float32)[k]
-  text = model.text_kv(text_ctx)
-  first = jax.random.bernoulli(k_first, first_chunk_prob, (b,))
-  cache = _context_cache(model, lay, ctx_frames, text, k_ctx, first)
-  target = chunk
-  if lay.anchor == "adaptive":
-    st = _state_target(lay, first, ctx_frames, chunk)
+  x_t = jax.lax.dynamic_slice_in_dim(path[jnp.arange(b), k], o + lay.window_frames, f, axis=1)  # [B, F, ...]
+  if fz > f:  # adaptive: the state joins at the same sigma, noised with fresh noise
+    st = target[:, : fz - f]
     x_t = jnp.concatenate([losses.noised(st, jax.random.normal(k_eps, st.shape), sigma), x_t], axis=1)
-    target = jnp.concatenate([st, target], axis=1)
   t_bf = jnp.broadcast_to(jnp.asarray(lay.timesteps, jnp.float32)[k][:, None], x_t.shape[:2])
   v = tr.flow(model, lay, cache, x_t, t_bf, text).astype(jnp.float32)
   x0 = x_t - sigma.reshape(-1, 1, 1, 1, 1) * v
