@@ -542,7 +542,6 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
   return state, cache, transition
 
 
-@functools.lru_cache(maxsize=16)
 def abstract_transition(model: WanDiT, lay: Layout, batch: int = 1):
   """`(jitted step, args)` with `args = (params, state, cache, noise)` as ShapeDtypeStructs: the
   transition of `model` (e.g. `abstract_dit(config)`, no weights) ready to lower and compile
@@ -568,6 +567,7 @@ def abstract_transition(model: WanDiT, lay: Layout, batch: int = 1):
   return jax.jit(transition_step), (params, state, cache, noise)
 
 
+@functools.lru_cache(maxsize=16)
 def _jitted_step(graphdef, lay: Layout, mesh, rules):
   """One jitted transition per (model graph, layout, mesh, rules): compiled once per process."""
   rules = None if rules is None else dict(rules)
