@@ -86,6 +86,9 @@ def _load_config(spec, overrides):
   fps = cfg.pipeline.get("fps", 16)
   if not isinstance(fps, int) or fps < 1:
     raise UsageError(f"config pipeline.fps={fps!r} must be an integer >= 1")
+  from asvd.pipeline import decode_cache_dtype  # noqa: PLC0415
+
+  decode_cache_dtype(cfg)  # a bad value stops here, before any weights load
   _runtime(cfg)
   return cfg
 
@@ -242,10 +245,10 @@ def cmd_t2v(args, overrides) -> None:
 
 
 def cmd_generate(args, overrides) -> None:
-  import jax  # noqa: PLC0415
 
   import asvd  # noqa: PLC0415
   from asvd import pipeline, video  # noqa: PLC0415
+  from asvd import sharding as shard_lib  # noqa: PLC0415
 
   if args.weights:
     return cmd_t2v(args, overrides)
@@ -262,7 +265,8 @@ def cmd_generate(args, overrides) -> None:
   prog = _Progress(args.chunks, "generate", f)
 
   def generated():
-    for lat in asvd.stream(model, context, jax.random.key(args.seed), config=cfg.rollout, sampler_config=cfg.sampler, num_chunks=args.chunks):
+    mesh, rules = shard_lib.from_config(cfg)
+    for lat in asvd.stream(model, context, args.seed, config=cfg.rollout, sampler_config=cfg.sampler, num_chunks=args.chunks, mesh=mesh, rules=rules):
       lat = np.asarray(lat)
       chunks.append(lat)
       yield lat
@@ -270,7 +274,7 @@ def cmd_generate(args, overrides) -> None:
 
   try:
     if vae is not None:
-      video.write_mp4(pipeline.decode_stream(vae, generated()), out.path(mp4), fps=fps)
+      video.write_mp4(pipeline.decode_stream(vae, generated(), cache_dtype=pipeline.decode_cache_dtype(cfg)), out.path(mp4), fps=fps)
     else:
       for _ in generated():
         pass
@@ -321,7 +325,7 @@ def cmd_decode(args, overrides) -> None:
   f = int(cfg.rollout.chunk_frames)
   for i, n in enumerate(names):
     chunks = (np.asarray(lat[i : i + 1, s : s + f], np.float32) for s in range(0, lat.shape[1], f))
-    frames = video.write_mp4(pipeline.decode_stream(vae, chunks), out.path(n), fps=fps)
+    frames = video.write_mp4(pipeline.decode_stream(vae, chunks, cache_dtype=pipeline.decode_cache_dtype(cfg)), out.path(n), fps=fps)
     print(f"wrote {out.path(n)} ({frames} frames)")
 
 

@@ -6,6 +6,7 @@
     asvd convert SRC DST [--dtype bf16] [--overwrite]
     asvd eval attention --config configs/tiny.py --init random --chunks 6 --out out/
     asvd train --config configs/tiny.py --workdir runs/tiny     (rerun the same command to resume)
+    asvd aot --config configs/wan_t2v_1_3b.py --topology v5p:2x2x2   (per-device memory, no TPU needed)
 
 Config overrides: `--config.rollout.anchor=sink` (any key of the config file).
 Errors are one line naming the flag, key, file or value at fault (exit status 2); `--debug`
@@ -47,10 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--overwrite", action="store_true", help="replace DST if it is an asvd checkpoint (never anything else)")
   c.set_defaults(func=_cmd_convert)
 
-  from asvd import cli_generate, cli_train  # noqa: PLC0415
+  from asvd import cli_aot, cli_generate, cli_train  # noqa: PLC0415
 
   cli_generate.add_commands(sub)
   cli_train.add_commands(sub)
+  cli_aot.add_commands(sub)
   return p
 
 

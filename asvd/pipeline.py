@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asvd import video
+from asvd.errors import UsageError
 
 VAE_FILES = ("Wan2.1_VAE.pth", "vae")
 T5_FILES = ("models_t5_umt5-xxl-enc-bf16.pth", "text_encoder")
@@ -177,20 +178,39 @@ class T2V:
         raise ValueError(f"condition encodes to latents {tuple(lat.shape[2:4])}, config rollout.latent_hw={tuple(rc.latent_hw)}")
       carry = asvd.prefill(self.dit, ctx, lat, config=rc, sampler_config=self.config.sampler)
       head = [lat]  # decoded first, so the decoder's causal cache continues from the given frames
-    generated = asvd.stream(self.dit, ctx, jax.random.key(seed), config=rc, sampler_config=self.config.sampler, num_chunks=chunks, carry=carry)
-    yield from decode_stream(self.decoder, itertools.chain(head, generated))
+    from asvd import sharding as shard_lib  # noqa: PLC0415
+
+    mesh, rules = shard_lib.from_config(self.config)
+    generated = asvd.stream(self.dit, ctx, seed, config=rc, sampler_config=self.config.sampler, num_chunks=chunks, carry=carry, mesh=mesh, rules=rules)
+    yield from decode_stream(self.decoder, itertools.chain(head, generated), cache_dtype=decode_cache_dtype(self.config))
 
 
-def decode_stream(vae, latent_chunks) -> Iterator[np.ndarray]:
+def decode_cache_dtype(config) -> Any:
+  """`config.pipeline.decode_cache_dtype` checked: None (the decoder's own) or a float dtype."""
+  d = None if config is None else config.get("pipeline", {}).get("decode_cache_dtype")
+  if d is None:
+    return None
+  if d not in ("float32", "bfloat16", "float16"):
+    raise UsageError(f"config pipeline.decode_cache_dtype={d!r}: choose None, 'float32', 'bfloat16' or 'float16'")
+  return jnp.dtype(d)
+
+
+def decode_stream(vae, latent_chunks, *, cache_dtype=None) -> Iterator[np.ndarray]:
   """Decodes latent chunks `[1, F, h, w, C]` one after another with the decoder's streaming cache
   (the Wan VAE's causal-conv cache, or TAEHV's MemBlock memory).
 
-  Yields uint8 frames `[T, H, W, 3]` per chunk (1 + 4(F-1) for the first chunk, 4F after).
+  Args:
+    vae: a `WanVAE` or `TAEHV`.
+    latent_chunks: an iterable of latent chunks.
+    cache_dtype: the cache's dtype (None: the decoder's; see `decode_cache_dtype`).
+
+  Yields:
+    uint8 frames `[T, H, W, 3]` per chunk (1 + 4(F-1) for the first chunk, 4F after).
   """
   cache = None
   for lat in latent_chunks:
     if cache is None:
-      cache = vae.init_decode_cache(lat.shape[0], lat.shape[2], lat.shape[3])
+      cache = vae.init_decode_cache(lat.shape[0], lat.shape[2], lat.shape[3], cache_dtype)
     px, cache = vae.decode_chunk(lat, cache)
     yield video.to_uint8(px[0])
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from asvd import sharding as shard_lib
@@ -31,10 +32,14 @@ def chunk_noise(key: jax.Array, chunk: jax.Array, shape) -> jax.Array:
   return jax.random.normal(jax.random.fold_in(key, chunk), shape, jnp.float32)
 
 
-def _key(key) -> jax.Array:
+def _key(key, mesh=None) -> jax.Array:
+  """A key from an int seed (made on the mesh, replicated, when there is one) or a key."""
+  if mesh is None:
+    return jax.random.key(key) if isinstance(key, int) else key
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   if isinstance(key, int):
-    return jax.random.key(key)
-  return key
+    return jax.jit(jax.random.key, out_shardings=rep)(np.uint32(key))
+  return jax.device_put(key, rep)
 
 
 class _Program:
@@ -46,14 +51,17 @@ class _Program:
   donated: callers hand in a carry they own (`rollout`/`stream` copy a carry the user passed).
   """
 
-  def __init__(self, graphdef, lay: tr.Layout, segment: int, shape, mesh=None, *, probe=False, recache_on_switch=False):
+  def __init__(self, graphdef, lay: tr.Layout, segment: int, shape, mesh=None, rules=None, shardings=None, *, probe=False, recache_on_switch=False):
     self.lay, self.segment, self.probe = lay, segment, probe
     self.recache_on_switch = recache_on_switch
     self.graphdef, self.shape = graphdef, shape
 
+    rules = None if rules is None else dict(rules)
+
     def transition_chunk(params, carry, key, c):
-      m = nnx.merge(graphdef, params)
-      out = tr.transition_fn(m, lay, *carry, chunk_noise(key, c, shape), probe=probe)
+      with shard_lib.activation_sharding(mesh, rules):
+        m = nnx.merge(graphdef, params)
+        out = tr.transition_fn(m, lay, *carry, chunk_noise(key, c, shape), probe=probe)
       return (out[0], out[1]), out[2:]
 
     def rollout_segment(params, carry, key, start, live):
@@ -69,16 +77,21 @@ class _Program:
 
       return jax.lax.scan(body, carry, jnp.arange(segment))
 
-    kw = {}
+    kw, kw_one, self.carry_sh = {}, {}, None
     if mesh is not None:
-      carry_sh = tr.carry_shardings(mesh)
-      kw = {"in_shardings": (None, carry_sh, None, None, None)}
-      frames_sh = shard_lib.logical_sharding(("chunks", "batch", "frames", "height", "width", "channels"), mesh)
-      ys_sh = (frames_sh, None) if probe else (frames_sh,)
-      kw["out_shardings"] = (carry_sh, ys_sh)
+      # Parameters, carry and outputs by their logical names (`tr.step_shardings`): nothing is
+      # copied between devices per call, and the carry is donated in place.
+      param_sh, carry_sh, _ = jax.tree.unflatten(shardings[1], shardings[0])
+      self.carry_sh = carry_sh
+      names = ("chunks", "batch", "frames", "height", "width", "channels")
+      frames = jax.ShapeDtypeStruct((segment, *shape[1:]), jnp.float32)  # only batch is split
+      frames_sh = shard_lib.logical_sharding(names, mesh, rules, frames)
+      one_sh = shard_lib.logical_sharding(names[1:], mesh, rules, jax.ShapeDtypeStruct(shape[1:], jnp.float32))
+      kw = {"in_shardings": (param_sh, carry_sh, None, None, None), "out_shardings": (carry_sh, (frames_sh, None) if probe else (frames_sh,))}
+      kw_one = {"in_shardings": (param_sh, carry_sh, None, None), "out_shardings": (carry_sh, (one_sh, None) if probe else (one_sh,))}
     # Named functions: compilations are logged (and counted by the tests) under these names.
     self.seg = jax.jit(rollout_segment, donate_argnums=(1,), **kw)
-    self.one = jax.jit(transition_chunk, donate_argnums=(1,))
+    self.one = jax.jit(transition_chunk, donate_argnums=(1,), **kw_one)
     self.recache = jax.jit(lambda params, cache, text: tr.recache(nnx.merge(graphdef, params), lay, cache, text))
 
   def switch(self, params, carry, text):
@@ -94,56 +107,69 @@ _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _MAX_PROGRAMS = 16
 
 
-def _get_program(graphdef, lay, segment, shape, mesh, probe, recache_on_switch) -> _Program:
-  key = (graphdef, lay, segment, shape, mesh, probe, recache_on_switch)
+def _get_program(graphdef, lay, segment, shape, mesh, rules, shardings, probe, recache_on_switch) -> _Program:
+  key = (graphdef, lay, segment, shape, mesh, rules, shardings, probe, recache_on_switch)
   prog = _PROGRAMS.pop(key, None)
   if prog is None:
-    prog = _Program(graphdef, lay, segment, shape, mesh, probe=probe, recache_on_switch=recache_on_switch)
+    prog = _Program(graphdef, lay, segment, shape, mesh, rules, shardings, probe=probe, recache_on_switch=recache_on_switch)
   _PROGRAMS[key] = prog
   while len(_PROGRAMS) > _MAX_PROGRAMS:
     _PROGRAMS.popitem(last=False)
   return prog
 
 
-def _program(model, context, config, sampler_config, latent_hw, segment, mesh=None):
-  """`(program, params, initial carry)` for this model and config (the program is cached)."""
+def _program(model, context, config, sampler_config, latent_hw, segment, mesh=None, rules=None):
+  """`(program, params, initial carry)` for this model and config (the program is cached).
+
+  With a mesh, the parameters are put on their shards (free when `asvd.sharding.shard_model`
+  already did it; else a copy per call) and checked (`check_sharded`)."""
   lay = tr.make_layout(config, model.cfg, latent_hw, sampler_config)
-  carry = tr.initial_carry(model, context, lay)
-  if mesh is not None:  # the carry lives where the segment program expects it
-    carry = jax.device_put(carry, tr.carry_shardings(mesh))
   graphdef, params = nnx.split(model)
+  if mesh is not None:
+    params = shard_lib.place_params(params, mesh, rules)
+    context = shard_lib.place(context, ("batch", "text", "channels"), mesh, rules)
+  carry = tr.initial_carry(nnx.merge(graphdef, params), context, lay, mesh, rules)
   shape = tr.noise_shape(lay, carry[0].shape[0], model.cfg.in_channels)
+  shardings = tr.step_shardings(params, carry, shape, mesh, rules)
   prog = _get_program(
     graphdef,
     lay,
     segment,
     shape,
     mesh,
+    shard_lib.rules_key(rules),
+    shardings,
     bool(config.get("probe", False)),
     bool(config.get("recache_on_switch", False)),
   )
   return prog, params, carry
 
 
-def _own(carry):
-  """A private copy of a caller's carry, so that donating it never deletes the caller's arrays."""
+def _own(carry, prog=None):
+  """A private copy of a caller's carry, so that donating it never deletes the caller's arrays
+  (moved to the program's shardings when it has a mesh)."""
+  if prog is not None and prog.carry_sh is not None:
+    return jax.device_put(carry, prog.carry_sh, may_alias=False)
   return jax.tree.map(jnp.copy, carry)
 
 
 def _check_context(model, context):
-  context = jnp.asarray(context)
+  context = context if isinstance(context, jax.Array) else np.asarray(context)  # host stays host
   if context.ndim != 3 or context.shape[-1] != model.cfg.text_dim:
     raise UsageError(f"context must be [B, L, {model.cfg.text_dim}], got shape {tuple(context.shape)}")
   return context
 
 
-def _switch_schedule(model, prompts, num_chunks=None):
-  """`{chunk index: TextKV}` from a sequence of (chunk index, context)."""
+def _switch_schedule(model, prompts, num_chunks=None, prog=None):
+  """`{chunk index: TextKV}` from a sequence of (chunk index, context), placed like the cache's
+  text K/V when the program has a mesh."""
   out = {}
   for c, ctx in prompts or ():
     if int(c) < 0 or (num_chunks is not None and int(c) >= num_chunks):
       raise UsageError(f"prompt switch at chunk {c} is outside 0..{num_chunks}")
     out[int(c)] = tr.text_kv(model, ctx)
+    if prog is not None and prog.carry_sh is not None:
+      out[int(c)] = jax.device_put(out[int(c)], prog.carry_sh[1].text)
   return out
 
 
@@ -160,6 +186,7 @@ def rollout(
   carry=None,
   start_chunk: int = 0,
   mesh=None,
+  rules=None,
 ):
   """Generates `num_chunks` chunks with a `jax.lax.scan` of the transition.
 
@@ -177,8 +204,11 @@ def rollout(
       LongLive does for caches without an adaptive state).
     carry: resume from a previous `final_carry` (with `start_chunk` its chunk count).
     start_chunk: index of the first chunk (noise keys continue from there).
-    mesh: optional `jax.sharding.Mesh`; the carry is sharded by its logical axes (batch over
-      `data`/`fsdp`).
+    mesh: optional `jax.sharding.Mesh` (`asvd.sharding.mesh_from_config`). Parameters are put
+      on their shards (call `asvd.sharding.shard_model(model, mesh)` once, so that no call
+      copies them), the carry is sharded by its logical axes (batch over `data`/`fsdp`, heads
+      over `tensor`), and the residual stream is pinned inside the program.
+    rules: logical-to-mesh rules (default `asvd.sharding.DEFAULT_RULES`).
 
   Returns:
     `(latents [B, num_chunks*F, H, W, C], final_carry)` and, when `config.probe` is set, a third
@@ -191,11 +221,11 @@ def rollout(
   segment = int(config.get("scan_chunks", 8))
   if segment < 1:
     raise UsageError(f"rollout.scan_chunks={segment} must be >= 1")
-  prog, params, init = _program(model, context, config, sampler_config, latent_hw, segment, mesh)
+  prog, params, init = _program(model, context, config, sampler_config, latent_hw, segment, mesh, rules)
   tr.check_absolute(prog.lay, start_chunk, num_chunks)
-  carry = init if carry is None else _own(carry)
-  switches = _switch_schedule(model, prompts, start_chunk + num_chunks)
-  key = _key(key)
+  carry = init if carry is None else _own(carry, prog)
+  switches = _switch_schedule(model, prompts, start_chunk + num_chunks, prog)
+  key = _key(key, mesh)
   frames, shares = [], []
   c, end = start_chunk, start_chunk + num_chunks
   while c < end:
@@ -203,10 +233,11 @@ def rollout(
       carry = prog.switch(params, carry, switches[c])
     nxt = min([s for s in switches if s > c] + [end])
     live = min(segment, nxt - c)
-    carry, ys = prog.seg(params, carry, key, jnp.int32(c), jnp.int32(live))
-    frames.append(ys[0][:live])
+    carry, ys = prog.seg(params, carry, key, np.int32(c), np.int32(live))  # host scalars
+    # Static slices (`x[:live]` would send an index array from the default device).
+    frames.append(jax.lax.slice_in_dim(ys[0], 0, live))
     if prog.probe:
-      shares.append(ys[1][:live])
+      shares.append(jax.lax.slice_in_dim(ys[1], 0, live))
     c += live
   fr = jnp.concatenate(frames)  # [chunks, B, F, H, W, C]
   latents = jnp.moveaxis(fr, 0, 1).reshape(fr.shape[1], -1, *fr.shape[3:])
@@ -227,6 +258,8 @@ def stream(
   num_chunks: int | None = None,
   carry=None,
   start_chunk: int = 0,
+  mesh=None,
+  rules=None,
 ) -> Stream:
   """Yields each chunk's latents `[B, F, H, W, C]` for as long as the caller iterates.
 
@@ -236,13 +269,14 @@ def stream(
   before the first chunk. The returned iterator's `.carry` is the `(state, cache)` after the
   chunks drawn so far (a copy of your own), and `.next_chunk` the index of the next one, so a
   stream can be resumed with `stream(..., carry=s.carry, start_chunk=s.next_chunk)`.
+  `mesh`/`rules` shard as in `rollout`.
   """
   context = _check_context(model, context)
-  prog, params, init = _program(model, context, config, sampler_config, latent_hw, 1)
+  prog, params, init = _program(model, context, config, sampler_config, latent_hw, 1, mesh, rules)
   tr.check_absolute(prog.lay, start_chunk, num_chunks)
-  switches = _switch_schedule(model, prompts)
-  carry = init if carry is None else _own(carry)
-  return Stream(prog, params, carry, switches, _key(key), start_chunk, num_chunks)
+  switches = _switch_schedule(model, prompts, None, prog)
+  carry = init if carry is None else _own(carry, prog)
+  return Stream(prog, params, carry, switches, _key(key, mesh), start_chunk, num_chunks)
 
 
 class Stream(Iterator[jax.Array]):
@@ -266,7 +300,7 @@ class Stream(Iterator[jax.Array]):
     tr.check_absolute(self._prog.lay, c, 1)  # an endless stream of the absolute preset stops here
     if c in self._switches:
       self._carry = self._prog.switch(self._params, self._carry, self._switches[c])
-    self._carry, ys = self._prog.one(self._params, self._carry, self._key, jnp.int32(c))
+    self._carry, ys = self._prog.one(self._params, self._carry, self._key, np.int32(c))
     self.next_chunk = c + 1
     return ys[0]
 

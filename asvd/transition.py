@@ -449,13 +449,36 @@ def noise_shape(lay: Layout, batch: int, channels: int) -> tuple[int, ...]:
   return (lay.noise_slots, batch, lay.z_frames, *lay.latent_hw, channels)
 
 
-def initial_carry(model: WanDiT, context, lay: Layout):
+def initial_carry(model: WanDiT, context, lay: Layout, mesh=None, rules=None):
   """`(state [B, Fs, H, W, C] zeros, empty cache holding the prompt's text K/V)`.
 
-  The carry is placed (committed) on the device that holds the model's parameters, so the
-  first transition call sees the same placement as every later one and compiles once.
+  Without a mesh the carry is placed (committed) on the device that holds the model's
+  parameters, so the first transition call sees the same placement as every later one and
+  compiles once. With a mesh it is made directly on its shards (`carry_shardings`): nothing is
+  built on one device and copied.
   """
-  return jax.device_put(empty_carry(model, text_kv(model, context), lay), home_device(model))
+  if mesh is None:
+    return jax.device_put(empty_carry(model, text_kv(model, context), lay), home_device(model))
+  from asvd import sharding as shard_lib  # noqa: PLC0415
+
+  graphdef, params = nnx.split(model)
+  shapes = jax.eval_shape(_make_carry(graphdef, lay, None), params, context)
+  leaves, treedef = jax.tree.flatten(carry_shardings(mesh, rules, shapes))
+  with shard_lib.activation_sharding(mesh, rules):
+    return _make_carry(graphdef, lay, (tuple(leaves), treedef))(params, context)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_carry(graphdef, lay: Layout, shardings):
+  """`(params, context) -> initial carry`, jitted onto `shardings` (`(leaves, treedef)`) or plain."""
+
+  def make(params, context):
+    m = nnx.merge(graphdef, params)
+    return empty_carry(m, m.text_kv(context), lay)
+
+  if shardings is None:
+    return make
+  return jax.jit(make, out_shardings=jax.tree.unflatten(shardings[1], shardings[0]))
 
 
 def empty_carry(model: WanDiT, text, lay: Layout):
@@ -490,12 +513,35 @@ def _text_kv_fn(graphdef):
   return jax.jit(prompt_kv)
 
 
-def carry_shardings(mesh, rules=None):
-  """`(state, cache)` shardings from the logical axes (batch over data/fsdp, heads over tensor)."""
+def carry_shardings(mesh, rules=None, carry=None):
+  """`(state, cache)` shardings from the logical axes (batch over data/fsdp, heads over tensor).
+
+  With `carry` (arrays or ShapeDtypeStructs), mesh axes that do not divide a dimension are
+  dropped (a batch of 1 is replicated over `data`)."""
   from asvd import sharding as shard_lib  # noqa: PLC0415
 
   axes = (("batch", "frames", "height", "width", "channels"), Cache.logical_axes())
-  return shard_lib.logical_sharding(axes, mesh, rules)
+  return shard_lib.logical_sharding(axes, mesh, rules, carry)
+
+
+NOISE_AXES = ("steps", "batch", "frames", "height", "width", "channels")
+
+
+def step_shardings(params, carry, noise_shape_, mesh, rules=None):
+  """`(params, (state, cache), noise)` shardings of a transition on `mesh` (None without one),
+  as a hashable `(leaves, treedef)` (the key of cached programs; `jax.tree.unflatten` it)."""
+  if mesh is None:
+    return None
+  from asvd import sharding as shard_lib  # noqa: PLC0415
+
+  noise = jax.ShapeDtypeStruct(tuple(noise_shape_), jnp.float32)
+  tree = (
+    shard_lib.param_shardings(params, mesh, rules),
+    carry_shardings(mesh, rules, carry),
+    shard_lib.logical_sharding(NOISE_AXES, mesh, rules, noise),
+  )
+  leaves, treedef = jax.tree.flatten(tree)
+  return tuple(leaves), treedef
 
 
 def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_config=None, mesh=None, rules=None):
@@ -508,8 +554,10 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
     config: the `rollout` config section.
     latent_hw: latent (H, W); defaults to `config.latent_hw`.
     sampler_config: the `sampler` section (defaults to asvd's Self-Forcing schedule).
-    mesh: optional mesh; the jitted transition then takes and returns the carry with the
-      shardings of its logical axes (`carry_shardings`), the pjit way.
+    mesh: optional mesh; the transition holds the model's parameters on their shards (copied
+      there unless `asvd.sharding.shard_model` already put them there), takes them and the carry
+      with the shardings of their logical axes and returns the carry so, the pjit way; the
+      residual stream and attention heads are pinned inside (`asvd.sharding.constrain`).
     rules: logical-to-mesh rules (default `asvd.sharding.DEFAULT_RULES`).
 
   Returns:
@@ -518,15 +566,18 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
     constants baked into the program). `noise` is `[steps, B, Fs+F, H, W, C]` in adaptive
     mode (state frames first) and `[steps, B, F, H, W, C]` otherwise.
   """
+  from asvd import sharding as shard_lib  # noqa: PLC0415
+
   lay = make_layout(config, model.cfg, latent_hw, sampler_config)
-  context = jnp.asarray(context)
-  state, cache = initial_carry(model, context, lay)
+  context = context if isinstance(context, jax.Array) else np.asarray(context)  # host stays host
   graphdef, params = nnx.split(model)
-  rules_key = None if rules is None else tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rules.items()))
-  step = _jitted_step(graphdef, lay, mesh, rules_key)
   if mesh is not None:
-    state, cache = jax.device_put((state, cache), carry_shardings(mesh, rules))
+    params = shard_lib.place_params(params, mesh, rules)
+    context = shard_lib.place(context, ("batch", "text", "channels"), mesh, rules)
+  state, cache = initial_carry(nnx.merge(graphdef, params), context, lay, mesh, rules)
   want = noise_shape(lay, state.shape[0], model.cfg.in_channels)
+  shardings = step_shardings(params, (state, cache), want, mesh, rules)
+  step = _jitted_step(graphdef, lay, mesh, shard_lib.rules_key(rules), shardings)
 
   def transition(state, cache, noise):
     if tuple(noise.shape) != want:
@@ -568,18 +619,20 @@ def abstract_transition(model: WanDiT, lay: Layout, batch: int = 1):
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_step(graphdef, lay: Layout, mesh, rules):
-  """One jitted transition per (model graph, layout, mesh, rules): compiled once per process."""
+def _jitted_step(graphdef, lay: Layout, mesh, rules, shardings):
+  """One jitted transition per (model graph, layout, mesh, rules, shardings): compiled once per
+  process. `shardings` is `step_shardings(...)` (None without a mesh)."""
+  from asvd import sharding as shard_lib  # noqa: PLC0415
+
   rules = None if rules is None else dict(rules)
   kw = {}
   if mesh is not None:
-    from asvd import sharding as shard_lib  # noqa: PLC0415
+    param_sh, (state_sh, cache_sh), noise_sh = jax.tree.unflatten(shardings[1], shardings[0])
+    kw = {"in_shardings": (param_sh, state_sh, cache_sh, noise_sh), "out_shardings": (state_sh, cache_sh, state_sh)}
 
-    state_sh, cache_sh = carry_shardings(mesh, rules)
-    noise_sh = shard_lib.logical_sharding(("steps", "batch", "frames", "height", "width", "channels"), mesh, rules)
-    kw = {"in_shardings": (None, state_sh, cache_sh, noise_sh), "out_shardings": (state_sh, cache_sh, state_sh)}
   def transition_step(params, state, cache, noise):
-    return transition_fn(nnx.merge(graphdef, params), lay, state, cache, noise)
+    with shard_lib.activation_sharding(mesh, rules):
+      return transition_fn(nnx.merge(graphdef, params), lay, state, cache, noise)
 
   return jax.jit(transition_step, **kw)
 

@@ -6,7 +6,10 @@ Per streaming chunk of 3 latent frames (12 pixel frames; a later chunk, caches w
 * XLA's FLOPs of the compiled chunk decode. The Wan VAE scans over latent frames, and XLA counts
   a loop body once, so its count is multiplied by the scan's trip count (the chunk's frames);
   TAEHV has no loop;
-* the bytes of the streaming cache each carries between chunks, and the temporaries;
+* the bytes of the streaming cache each carries between chunks (the Wan VAE also with a bf16
+  cache under its f32 decode, `config.pipeline.decode_cache_dtype`), the temporaries, and the
+  peak (arguments + temporaries + outputs - donated: the cache is donated, so the new cache
+  reuses the old one's buffers);
 * CPU seconds per chunk at the small size (median of 3 after a warm-up);
 * the ratio decode / DiT per chunk, with the DiT's analytic FLOPs of the adaptive chunk
   (`benchmarks/real_size.py`).
@@ -33,34 +36,36 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", 0.0))
 
 
-def measure(decoder, name: str, h: int, w: int, frames: int, timed: bool) -> dict:
+def measure(decoder, name: str, h: int, w: int, frames: int, timed: bool, cache_dtype=None) -> dict:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
   graphdef, state = nnx.split(decoder)
-  cache = decoder.init_decode_cache(1, h, w)
+  cache = decoder.init_decode_cache(1, h, w, cache_dtype)
   z = jnp.zeros((1, frames, h, w, 16), jnp.float32)
   # A later chunk: the cache has seen a first chunk (its static "started" flag is set).
   _, cache = jax.eval_shape(lambda s, z, c: nnx.merge(graphdef, s).decode_chunk_fn(z, c), state, z[:, :1], cache)
   cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache)
-  fn = jax.jit(lambda s, z, c: nnx.merge(graphdef, s).decode_chunk_fn(z, c))
+  fn = jax.jit(lambda s, z, c: nnx.merge(graphdef, s).decode_chunk_fn(z, c), donate_argnums=2)  # as decode_chunk
   compiled = fn.lower(state, z, cache).compile()
+  mem = compiled.memory_analysis()
   loops = frames if name == "wan_vae" else 1  # the VAE's per-latent-frame scan body is counted once
   row = {
-    "decoder": name,
+    "decoder": name if cache_dtype is None else f"{name} ({jnp.dtype(cache_dtype).name} cache)",
     "latent_hw": [h, w],
     "gflop_per_chunk": _flops(compiled) * loops / 1e9,
     "cache_mb": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 1e6,
-    "temporaries_mb": compiled.memory_analysis().temp_size_in_bytes / 1e6,
+    "temporaries_mb": mem.temp_size_in_bytes / 1e6,
+    "peak_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 1e6,
     "params_m": sum(x.size for x in jax.tree.leaves(state)) / 1e6,
   }
   if timed:
-    jax.block_until_ready(compiled(state, z, cache))
+    _, cache = jax.block_until_ready(compiled(state, z, cache))
     ts = []
     for _ in range(3):
       t0 = time.process_time()
-      jax.block_until_ready(compiled(state, z, cache))
+      _, cache = jax.block_until_ready(compiled(state, z, cache))  # the old cache was donated
       ts.append(time.process_time() - t0)
     row["cpu_s_per_chunk"] = sorted(ts)[1]
   return row
@@ -83,16 +88,17 @@ def main(argv=None):
     cfg = asvd.load_config("configs/wan_t2v_1_3b.py", [f"rollout.latent_hw=({h}, {w})"])
     lay = tr.make_layout(cfg.rollout, DiTConfig.from_config(cfg.model), None, cfg.sampler)
     dit = (len(lay.timesteps) + 1) * analytic_forward(cfg, lay) / 1e9
-    for name, dec in (("wan_vae", init_vae(None, 0)), ("taehv", init_taehv(None, 0))):
-      r = measure(dec, name, h, w, 3, timed)
+    vae = init_vae(None, 0)
+    for name, dec, cdt in (("wan_vae", vae, None), ("wan_vae", vae, "bfloat16"), ("taehv", init_taehv(None, 0), None)):
+      r = measure(dec, name, h, w, 3, timed, cdt)
       r["dit_gflop_per_chunk"] = dit
       r["decode_over_dit"] = r["gflop_per_chunk"] / dit
       rows.append(r)
       print(json.dumps(r))
-  lines = ["| decoder | latent h x w | GFLOP/chunk | decode / DiT | cache MB | temporaries MB | params M | CPU s/chunk |", "|" + " --- |" * 8]
+  lines = ["| decoder | latent h x w | GFLOP/chunk | decode / DiT | cache MB | temporaries MB | peak MB | params M | CPU s/chunk |", "|" + " --- |" * 9]
   for r in rows:
     cpu = f"{r['cpu_s_per_chunk']:.2f}" if "cpu_s_per_chunk" in r else "—"
-    lines.append(f"| {r['decoder']} | {r['latent_hw'][0]} x {r['latent_hw'][1]} | {r['gflop_per_chunk']:.0f} | {100 * r['decode_over_dit']:.1f}% | {r['cache_mb']:.0f} | {r['temporaries_mb']:.0f} | {r['params_m']:.1f} | {cpu} |")
+    lines.append(f"| {r['decoder']} | {r['latent_hw'][0]} x {r['latent_hw'][1]} | {r['gflop_per_chunk']:.0f} | {100 * r['decode_over_dit']:.1f}% | {r['cache_mb']:.0f} | {r['temporaries_mb']:.0f} | {r['peak_mb']:.0f} | {r['params_m']:.1f} | {cpu} |")
   print("\n".join(lines))
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, "w") as f:

@@ -7,6 +7,16 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One XLA compilation cache for this test session, shared by the many `asvd` subprocesses the
+# CLI / training / multi-process tests start with the same tiny programs (each would otherwise
+# compile them again). Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  import tempfile  # noqa: E402
+
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="asvd-test-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from absl import flags  # noqa: E402

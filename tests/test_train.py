@@ -290,10 +290,13 @@ def test_data_pipeline_deterministic_resumable_sharded(tmp_path, cfg):
   c.set_state(state)
   np.testing.assert_array_equal(next(c)["latents"], want)
   assert not np.array_equal(next(it(1))["latents"], next(it(0))["latents"])  # the seed matters
-  s0 = {next(it(0, 0, 2))["text"][0].tobytes()}
-  seen0 = {x.tobytes() for x in it(0, 0, 2).__next__()["latents"]}
-  seen1 = {x.tobytes() for x in it(0, 1, 2).__next__()["latents"]}
-  assert s0 and not seen0 & seen1  # the two processes read different examples
+  # Two processes with batches of 2 read different examples, and together the global batch of
+  # one process with batches of 4 (the same run on any number of processes).
+  p0, p1, one = it(0, 0, 2), it(0, 1, 2), make_iterator(cfg, (8, 8), batch_size=4, seed=0, data_dir=str(tmp_path))
+  for _ in range(3):
+    a0, a1, g = next(p0), next(p1), next(one)
+    assert not {x.tobytes() for x in a0["latents"]} & {x.tobytes() for x in a1["latents"]}
+    np.testing.assert_array_equal(np.concatenate([a0["latents"], a1["latents"]]), g["latents"])
 
 
 def test_dmd_replay_equals_direct_gradient(tiny):

@@ -558,7 +558,11 @@ def save_dit(model: WanDiT, path: str | os.PathLike, *, overwrite: bool = False)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
   try:
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    ckptr = ocp.StandardCheckpointer()
+    # One process writes (in a multi-process run, the one calling this): no barrier with others.
+    me = jax.process_index()
+    if jax.process_count() > 1:  # Orbax takes host arrays there, not one process's device arrays
+      params = jax.tree.map(np.asarray, params)
+    ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
     ckptr.save(os.path.join(tmp, "params"), params)
     ckptr.wait_until_finished()
     meta = {"format": "asvd.WanDiT", "version": 1, "model": dataclasses.asdict(model.cfg)}

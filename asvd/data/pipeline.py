@@ -63,17 +63,23 @@ def data_source(config, latent_hw, data_dir: str):
 
 
 def make_iterator(config, latent_hw, *, batch_size: int, seed: int, data_dir: str, process_index=None, process_count=None):
-  """An endless, resumable grain iterator of batches `{"latents": [B, T, h, w, C], "text": [B, L, D]}`."""
+  """An endless, resumable grain iterator of batches `{"latents": [B, T, h, w, C], "text": [B, L, D]}`.
+
+  `batch_size` is this process's share of the global batch. Every process walks the same
+  shuffled stream, and process `i` of `n` takes every n-th block of `batch_size` examples
+  starting at block `i`, so the global batch (the processes' blocks in process order) is the
+  same for any number of processes: a run reproduces across topologies.
+  """
   import grain  # noqa: PLC0415
   import jax  # noqa: PLC0415
 
   src = data_source(config, latent_hw, os.path.abspath(os.path.expanduser(data_dir)))
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  ds = grain.MapDataset.source(src)[pi::pc]
-  if len(ds) < batch_size:
-    raise UsageError(f"train.data: {len(ds)} examples on this process, fewer than train.batch_size={batch_size}")
-  ds = ds.shuffle(seed=seed).repeat().map(_fields).batch(batch_size, drop_remainder=True)
+  ds = grain.MapDataset.source(src)
+  if len(ds) < batch_size * pc:
+    raise UsageError(f"train.data: {len(ds)} examples, fewer than the global train.batch_size={batch_size * pc}")
+  ds = ds.shuffle(seed=seed).repeat().map(_fields).batch(batch_size, drop_remainder=True)[pi::pc]
   return iter(ds.to_iter_dataset())
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
+from asvd import sharding as shard_lib
 from asvd.models import attention as attn_lib
 from asvd.models import rope as rope_lib
 
@@ -209,6 +210,13 @@ class Dense(nnx.Module):
     return (y + self.bias[...].astype(jnp.float32)).astype(out_dtype or self.dtype)
 
 
+# Logical names of activations (asvd.sharding.DEFAULT_RULES maps them to mesh axes).
+_RESIDUAL = ("batch", "frames", "act_tokens", "act_embed")  # [B, F, T, D]
+_HEADS = ("batch", "act_tokens", "heads", "head_dim")  # queries / attention output [B, S, H, Dh]
+_KV_HEADS = ("batch", "tokens", "heads", "head_dim")  # keys / values [B, N*T + S, H, Dh]
+_SMALL = ("batch", None, "act_embed")  # time / text embeddings [B, F or L, D]: width whole
+
+
 def _layer(i, tree, n: int):
   """Layer `i` (traced) of a pytree of `[n, ...]` stacks, by a `lax.switch` over static slices.
 
@@ -302,6 +310,9 @@ class Block(nnx.Module):
     cfg = self.cfg
     b, f, t, d = x_bftd.shape
     attn = attn_lib.get_attention(cfg.attention)
+    # Under a mesh (asvd.sharding.activation_sharding) the residual stream is pinned at block
+    # boundaries: batch over data/fsdp, tokens over context, width whole.
+    x_bftd = shard_lib.constrain(x_bftd, _RESIDUAL)
     mod = self.modulation[...].astype(jnp.float32)[None, None] + e_bf6d  # [B, F, 6, D]
     shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i, None, :] for i in range(6))
 
@@ -310,14 +321,17 @@ class Block(nnx.Module):
     q = self.self_attn.project_q(h)
     k_own, v_own = self.self_attn.project_kv(h)  # un-rotated: this is what a cache stores
     cos_q, sin_q, cos_c, sin_c = rope
-    q = rope_lib.apply_rope(q, cos_q, sin_q)
+    q = shard_lib.constrain(rope_lib.apply_rope(q, cos_q, sin_q), _HEADS)
     k = rope_lib.apply_rope(k_own, cos_q, sin_q)
     v = v_own
     if slots is not None:
       k_c, v_c = slots
       k = jnp.concatenate([rope_lib.apply_rope(k_c.astype(cfg.dtype), cos_c, sin_c), k], axis=1)
       v = jnp.concatenate([v_c.astype(cfg.dtype), v], axis=1)
+    # Keys and values whole on every context shard (tokens -> all-gathered), heads over tensor.
+    k, v = shard_lib.constrain(k, _KV_HEADS), shard_lib.constrain(v, _KV_HEADS)
     o, share = attn(q, k, v, frame_mask, probe)
+    o = shard_lib.constrain(o, _HEADS)
     if probe and share is None:  # kernels without probabilities: probe with the reference
       _, share = attn_lib.get_attention("xla")(q, k, v, frame_mask, True)
     o = checkpoint_name(o, "attn_out")
@@ -339,7 +353,7 @@ class Block(nnx.Module):
     h = checkpoint_name(h, "ffn_hidden")
     h = self.ffn_out(h, jnp.float32)
     x_bftd = (x_bftd.astype(jnp.float32) + h * c_gate).astype(cfg.dtype)
-    return x_bftd, (k_own, v_own, share)
+    return shard_lib.constrain(x_bftd, _RESIDUAL), (k_own, v_own, share)
 
 
 def sinusoidal_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -404,8 +418,8 @@ class WanDiT(nnx.Module):
       raise ValueError(f"context has {n} tokens (shape {context.shape}); model.text_len={lt} is the most")
     if n < lt:  # Wan pads every prompt with zero rows to text_len; they are attended (bias != 0)
       context = jnp.pad(context, [(0, 0)] * (context.ndim - 2) + [(0, lt - n), (0, 0)])
-    h = self.text_embedding_1(context, jnp.float32)
-    return self.text_embedding_2(jax.nn.gelu(h, approximate=True))
+    h = shard_lib.constrain(self.text_embedding_1(context, jnp.float32), _SMALL)
+    return shard_lib.constrain(self.text_embedding_2(jax.nn.gelu(h, approximate=True)), _SMALL)
 
   def text_kv(self, context) -> TextKV:
     """Cross-attention K/V of every layer for a prompt, computed once and reused per chunk."""
@@ -425,8 +439,9 @@ class WanDiT(nnx.Module):
   def time_embed(self, t_bf):
     """`[B, F]` timesteps -> (`temb [B, F, D]`, `e [B, F, 6, D]`), both float32."""
     s = sinusoidal_embedding(t_bf, self.cfg.freq_dim)
-    temb = self.time_embedding_2(jax.nn.silu(self.time_embedding_1(s, jnp.float32)), jnp.float32)
-    e = self.time_projection(jax.nn.silu(temb), jnp.float32)
+    h = shard_lib.constrain(self.time_embedding_1(s, jnp.float32), _SMALL)
+    temb = shard_lib.constrain(self.time_embedding_2(jax.nn.silu(h), jnp.float32), _SMALL)
+    e = shard_lib.constrain(self.time_projection(jax.nn.silu(temb), jnp.float32), _SMALL)
     return temb, e.reshape(*e.shape[:-1], 6, self.cfg.dim)
 
   def patchify(self, x):
@@ -435,7 +450,7 @@ class WanDiT(nnx.Module):
     b, f, hh, ww, c = x.shape
     x = x.reshape(b, f // pt, pt, hh // ph, ph, ww // pw, pw, c)
     x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, f // pt, (hh // ph) * (ww // pw), -1)
-    return self.patch_embedding(x)
+    return shard_lib.constrain(self.patch_embedding(x), _RESIDUAL)
 
   def unpatchify(self, y, f, hp, wp):
     """Head output `[B, f, hp*wp, pt*ph*pw*C]` -> `[B, F, H, W, C]`."""

@@ -46,14 +46,35 @@ def splash_attention(q, k, v, frame_mask=None, probe=False, *, block: int = BLOC
     from asvd.models.flash_attention import flash_attention  # noqa: PLC0415
 
     return flash_attention(q, k, v, frame_mask, probe)
-  bq, bk = min(block, -(-sq // 128) * 128), min(block, -(-sk // 128) * 128)
-  sqp, skp = -(-sq // bq) * bq, -(-sk // bk) * bk
-  kernel, segment_ids = _kernel(h, sqp, skp, bq, bk, interpret)
   if frame_mask is None:
     kv_valid = jnp.ones((b, sk), bool)
   else:
     fk = frame_mask.shape[-1]
     kv_valid = jnp.repeat(jnp.broadcast_to(jnp.asarray(frame_mask, bool)[:, 0], (b, fk)), sk // fk, axis=1)
+  local = functools.partial(_splash_local, block=block, interpret=interpret)
+  from asvd import sharding as shard_lib  # noqa: PLC0415
+
+  active = shard_lib.active()
+  if active is None:
+    return local(q, k, v, kv_valid), None
+  # A Mosaic kernel is not partitioned by GSPMD: run it per shard (batch over data/fsdp, heads
+  # over tensor; tokens whole, so a context axis gathers them first).
+  mesh, rules = active
+  P = jax.sharding.PartitionSpec
+  bs = shard_lib.spec_for(("batch",), mesh, rules, (b,))[0]
+  hs = shard_lib.spec_for(("heads",), mesh, rules, (h,))[0]
+  qkv = P(bs, None, hs, None)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(bs, None)), out_specs=qkv, check_vma=False)
+  return fn(q, k, v, kv_valid), None
+
+
+def _splash_local(q, k, v, kv_valid, *, block: int, interpret: bool):
+  """Splash on one shard: `[b, Sq, h, Dh]` queries, `[b, Sk]` key validity."""
+  b, sq, h, dh = q.shape
+  sk = k.shape[1]
+  bq, bk = min(block, -(-sq // 128) * 128), min(block, -(-sk // 128) * 128)
+  sqp, skp = -(-sq // bq) * bq, -(-sk // bk) * bk
+  kernel, segment_ids = _kernel(h, sqp, skp, bq, bk, interpret)
   kv_seg = _pad_to(kv_valid.astype(jnp.int32), skp, 1)  # padding: segment 0, never attended
   q_seg = jnp.ones((b, sqp), jnp.int32)
   hm = lambda x, n: _pad_to(jnp.transpose(x, (0, 2, 1, 3)), n, 2)  # noqa: E731  [B, H, S, Dh]
@@ -67,7 +88,7 @@ def splash_attention(q, k, v, frame_mask=None, probe=False, *, block: int = BLOC
   prec = "default" if q.dtype == jnp.bfloat16 else None
   with jax.default_matmul_precision(prec) if prec else contextlib.nullcontext():
     o = jax.vmap(one)(qh, hm(k, skp), hm(v, skp), q_seg, kv_seg)  # [B, H, Sqp, Dh]
-  return jnp.transpose(o[:, :, :sq], (0, 2, 1, 3)).astype(q.dtype), None
+  return jnp.transpose(o[:, :, :sq], (0, 2, 1, 3)).astype(q.dtype)
 
 
 __all__ = ["splash_attention"]

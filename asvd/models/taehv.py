@@ -182,14 +182,16 @@ class TAEHV(nnx.Module):
 
   # -- decoding -----------------------------------------------------------------------------------
 
-  def init_decode_cache(self, batch: int = 1, h: int = 0, w: int = 0) -> DecodeMemory:
+  def init_decode_cache(self, batch: int = 1, h: int = 0, w: int = 0, dtype: Any = None) -> DecodeMemory:
     """The memory at the start of a video: nothing yet (the MemBlocks see zeros, as the
-    reference pads). The Wan VAE's signature; the sizes are not needed here."""
-    del batch, h, w
+    reference pads). The Wan VAE's signature; sizes and dtype are not needed here (the memory
+    is the MemBlocks' inputs, in the model's dtype)."""
+    del batch, h, w, dtype
     return DecodeMemory(last=None, started=False)
 
   def decode_chunk(self, z_bfhwc: Array, memory: DecodeMemory) -> tuple[Array, DecodeMemory]:
-    """`decode_chunk_fn` through a jit cached per model graph (two compiles: first and later)."""
+    """`decode_chunk_fn` through a jit cached per model graph (two compiles: first and later).
+    The memory is donated: use only the returned one afterwards."""
     graphdef, state = nnx.split(self)
     return _decode_chunk_jit(graphdef)(state, jnp.asarray(z_bfhwc), memory)
 
@@ -232,7 +234,7 @@ def _decode_chunk_jit(graphdef):
   def decode_chunk(state, z, memory):
     return nnx.merge(graphdef, state).decode_chunk_fn(z, memory)
 
-  return jax.jit(decode_chunk)
+  return jax.jit(decode_chunk, donate_argnums=2)  # the memory's buffers are reused
 
 
 def init_taehv(config: TAEHVConfig | None = None, key: int = 0, *, dtype: Any = jnp.float32) -> TAEHV:

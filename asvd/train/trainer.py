@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from asvd import distributed
+from asvd import sharding as shard_lib
 from asvd import transition as tr
 from asvd.ckpt.common import CheckpointError
 from asvd.errors import UsageError
@@ -112,9 +114,10 @@ def layout(cfg) -> tr.Layout:
 MARKER = ".asvd_train"
 
 
-def _check_workdir(workdir: str, cfg) -> None:
+def _check_workdir(workdir: str, cfg, *, write: bool = True) -> None:
   """A workdir is new, empty, or one that `asvd train` made (it holds `MARKER`): asvd rewrites
-  `config.json` and `metrics.jsonl` there, so it never adopts a folder holding a user's files."""
+  `config.json` and `metrics.jsonl` there, so it never adopts a folder holding a user's files.
+  With `write`, marks it and writes `config.json` (process 0 only)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UsageError(f"--workdir {workdir}: exists and is not a folder")
   if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.isfile(os.path.join(workdir, MARKER)):
@@ -128,6 +131,8 @@ def _check_workdir(workdir: str, cfg) -> None:
     changed = [k for k in diff if not k.endswith(".steps")]  # more steps may be asked for on resume
     if changed:
       raise UsageError(f"--workdir {workdir} holds a run with another config ({', '.join(changed[:6])} differ); use a new --workdir")
+  if not write:
+    return
   os.makedirs(workdir, exist_ok=True)
   from asvd.outputs import write_text_atomic  # noqa: PLC0415
 
@@ -255,9 +260,14 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   a stage stopped by SIGTERM, after which no later stage runs)."""
   check_config(cfg)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  _check_workdir(workdir, cfg)
+  lead = distributed.is_lead()
+  _check_workdir(workdir, cfg, write=False)  # every process checks before any writes
+  distributed.barrier("asvd_workdir_checked")
+  if lead:
+    _check_workdir(workdir, cfg)
+  distributed.barrier("asvd_workdir_ready")
   lay = layout(cfg)
-  log = MetricsLog(workdir)
+  log = MetricsLog(workdir, enabled=lead)
   out = {}
   with _Stop() as stop:
     for i, stage in enumerate(cfg.train.stages):
@@ -308,12 +318,25 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
       vae = _reencode_vae(cfg)
       vae_graphdef, vae_params = nnx.split(vae) if vae is not None else (None, None)
       frozen = st.Frozen(generator=gen_frozen, critic=critic_frozen, teacher=teacher, vae=vae_params)
-    frozen = jax.device_put(frozen, jax.devices()[0])
     state = st.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(seed), **extra)
     # One placement from the first step on (a restored state is committed too): one compile.
-    state = jax.device_put(state, jax.devices()[0])
+    # On a mesh (`config.mesh`) every Variable goes to the shards its logical names give.
+    mesh, rules = shard_lib.from_config(cfg)
+    if mesh is None:
+      state, frozen = jax.device_put((state, frozen), jax.devices()[0])
+    else:
+      state = jax.device_put(state, shard_lib.tree_shardings(state, mesh, rules))
+      frozen = jax.device_put(frozen, shard_lib.tree_shardings(frozen, mesh, rules))
+      shard_lib.check_sharded(state.params, mesh, rules, what=f"{stage} parameters")
     data_dir = t.data.data_dir or os.path.join(workdir, "data")
-    it = make_iterator(cfg, lay.latent_hw, batch_size=int(t.batch_size), seed=seed, data_dir=data_dir)
+    if jax.process_count() > 1:  # process 0 prepares the dataset once; the others then read it
+      if distributed.is_lead():
+        from asvd.data.pipeline import data_source  # noqa: PLC0415
+
+        data_source(cfg, lay.latent_hw, data_dir)
+      distributed.barrier(f"asvd_data_{stage}")
+    # train.batch_size is the global batch; each process reads its share of the data.
+    it = make_iterator(cfg, lay.latent_hw, batch_size=int(t.batch_size) // jax.process_count(), seed=seed, data_dir=data_dir)
 
     if latest is not None:  # resume: the whole state or nothing
       _quiet_closed_loop_callbacks()
@@ -331,14 +354,16 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
       print(f"[asvd] {stage}: starting from {source}", file=sys.stderr)
 
     # Jitted steps (state donated; frozen weights are an argument, never baked into the program).
+    def jit(fn):
+      return _jit_step(fn, mesh, rules, state, frozen)
+
     if stage == "teacher":
-      one = jax.jit(st.teacher_step(graphdef, tx, cfg), donate_argnums=0)
+      one = jit(st.teacher_step(graphdef, tx, cfg))
     elif stage == "causal_init":
-      one = jax.jit(st.causal_init_step(graphdef, tx, cfg, lay, score_graphdef), donate_argnums=0)
+      one = jit(st.causal_init_step(graphdef, tx, cfg, lay, score_graphdef))
     else:
       gen_step, critic_step = st.dmd_steps(graphdef, score_graphdef, tx, critic_tx, cfg, lay, critic_graphdef, vae_graphdef)
-      gen_jit = jax.jit(gen_step, donate_argnums=0)
-      critic_jit = jax.jit(critic_step, donate_argnums=0)
+      gen_jit, critic_jit = jit(gen_step), jit(critic_step)
       ratio = int(t.dmd.critic_per_generator)
 
     def step_fn(state, batch):
@@ -354,10 +379,12 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
     step = int(state.step)
     lead = jax.process_index() == 0  # only process 0 writes logs and samples
     tb = TensorBoardWriter(os.path.join(workdir, "tensorboard", stage)) if lead else None
-    sampler = _Sampler(cfg, stage, lay, graphdef, gen_frozen, data_dir) if lead and int(t.sample_every) > 0 else None
+    # On a mesh every process computes the sample (the rollout is one SPMD program); process 0 writes.
+    sampling = int(t.sample_every) > 0 and (lead or mesh is not None)
+    sampler = _Sampler(cfg, stage, lay, graphdef, gen_frozen, data_dir, mesh, rules) if sampling else None
     try:
       while step < total:
-        batch = jax.tree.map(jnp.asarray, next(it))
+        batch = jax.tree.map(jnp.asarray, next(it)) if mesh is None else shard_lib.place_batch(next(it), mesh, rules)
         state, metrics = step_fn(state, batch)
         step += 1
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -368,6 +395,7 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
             tb.write_scalars(step, m)
         if sampler is not None and step % int(t.sample_every) == 0:
           video = sampler(state.ema if stage == "dmd" else state.params)
+        if tb is not None and sampler is not None and step % int(t.sample_every) == 0:
           os.makedirs(os.path.join(sdir, "samples"), exist_ok=True)
           write_mp4([video], os.path.join(sdir, "samples", f"step_{step:06d}.mp4"), fps=int(cfg.pipeline.fps))
           tb.write_videos(step, {"sample": video})
@@ -386,11 +414,14 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
       if tb is not None:
         tb.close()
     mngr.wait_until_finished()
-    final = merge_lora(merge(graphdef, state.ema if stage == "dmd" else state.params, gen_frozen))
-    dit_port.save_dit(final, _stage_model(workdir, stage), overwrite=True)
-    if stage == "dmd":
-      raw = merge_lora(merge(graphdef, state.params, gen_frozen))
-      dit_port.save_dit(raw, os.path.join(sdir, "generator"), overwrite=True)
+    # The final models: gathered from every process's shards, written by process 0.
+    host = distributed.to_host((state.ema if stage == "dmd" else state.params, state.params, gen_frozen))
+    if lead:
+      final_params, raw_params, frozen_host = jax.tree.map(jnp.asarray, host)
+      dit_port.save_dit(merge_lora(merge(graphdef, final_params, frozen_host)), _stage_model(workdir, stage), overwrite=True)
+      if stage == "dmd":
+        dit_port.save_dit(merge_lora(merge(graphdef, raw_params, frozen_host)), os.path.join(sdir, "generator"), overwrite=True)
+    distributed.barrier(f"asvd_saved_{stage}")
     return _stage_model(workdir, stage)
   finally:
     mngr.close()
@@ -402,10 +433,11 @@ class _Sampler:
   network by `asvd.rollout` (`train.sample_chunks` chunks), i.e. exactly as inference runs it.
   Returns the latent preview, uint8 `[T, H, W, 3]`."""
 
-  def __init__(self, cfg, stage, lay, graphdef, gen_frozen, data_dir):
+  def __init__(self, cfg, stage, lay, graphdef, gen_frozen, data_dir, mesh=None, rules=None):
     from asvd.data.pipeline import data_source  # noqa: PLC0415
 
     self.cfg, self.stage, self.lay, self.graphdef, self.gen_frozen = cfg, stage, lay, graphdef, gen_frozen
+    self.mesh, self.rules = mesh, rules
     self.text = jnp.asarray(data_source(cfg, lay.latent_hw, data_dir)[0]["text"], jnp.float32)[None]
     self.key = jax.random.PRNGKey(int(cfg.train.seed))
     if stage == "teacher":
@@ -426,8 +458,45 @@ class _Sampler:
     else:
       c = self.cfg
       model = merge_lora(merge(self.graphdef, params, self.gen_frozen))
-      lat, _ = asvd.rollout(model, self.text, self.key, num_chunks=int(c.train.sample_chunks), config=c.rollout, sampler_config=c.sampler, latent_hw=self.lay.latent_hw)
-    return preview(jax.device_get(lat)[0])
+      lat, _ = asvd.rollout(
+        model, self.text, self.key, num_chunks=int(c.train.sample_chunks), config=c.rollout, sampler_config=c.sampler, latent_hw=self.lay.latent_hw, mesh=self.mesh, rules=self.rules
+      )
+    return preview(distributed.to_host(lat)[0])
+
+
+def _jit_step(fn, mesh, rules, state, frozen):
+  """A stage's step `(state, batch, frozen) -> (state, metrics)`, jitted with the state donated.
+
+  On a mesh: the state and the frozen weights in (and the state out) by their logical names
+  (`asvd.sharding.tree_shardings`), the batch split along its batch axis, the metrics
+  replicated, and the DiT's activations pinned while tracing. Compiled once per batch structure.
+  """
+  if mesh is None:
+    jitted = jax.jit(fn, donate_argnums=0)
+    jitted.program = lambda batch: jitted
+    return jitted
+  state_sh, frozen_sh = shard_lib.tree_shardings(state, mesh, rules), shard_lib.tree_shardings(frozen, mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def traced(state, batch, frozen):
+    with shard_lib.activation_sharding(mesh, rules):
+      return fn(state, batch, frozen)
+
+  programs = {}
+
+  def program(batch):
+    """The jitted step for batches shaped like `batch` (arrays or ShapeDtypeStructs)."""
+    key = (jax.tree.structure(batch), tuple(tuple(x.shape) for x in jax.tree.leaves(batch)))
+    if key not in programs:
+      batch_sh = shard_lib.batch_shardings(batch, mesh, rules)
+      programs[key] = jax.jit(traced, in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
+    return programs[key]
+
+  def call(state, batch, frozen):
+    return program(batch)(state, batch, frozen)
+
+  call.program = program
+  return call
 
 
 def _quiet_closed_loop_callbacks() -> None:

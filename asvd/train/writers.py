@@ -25,12 +25,13 @@ from asvd.outputs import write_text_atomic
 class MetricsLog:
   """`WORKDIR/metrics.jsonl`: appended line by line; truncated to a restore point on resume."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, *, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled  # False on every process but 0 of a multi-process run
 
   def rewind(self, stage: str, step: int) -> None:
     """Keeps earlier stages' lines and this stage's lines up to `step` (drops torn lines)."""
-    if not os.path.exists(self.path):
+    if not self.enabled or not os.path.exists(self.path):
       return
     keep = []
     with open(self.path) as f:
@@ -44,6 +45,8 @@ class MetricsLog:
     write_text_atomic(self.path, "".join(k + "\n" for k in keep))
 
   def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
 

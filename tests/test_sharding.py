@@ -1,0 +1,218 @@
+"""Sharding on the 8 fake CPU devices: meshes from config, parameters placed by their logical
+names, sharded rollouts equal to single-device ones, no device-to-device copies per call, and a
+budget on the collectives of the compiled transition."""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import asvd
+from asvd import sharding as shard_lib
+from asvd import transition as tr
+from asvd.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def context():
+  return jax.random.normal(jax.random.key(1), (2, 16, 32))
+
+
+def rcfg(cfg, **kw):
+  c = cfg.rollout.copy_and_resolve_references()
+  c.update(kw)
+  return c
+
+
+def test_mesh_from_config():
+  m = shard_lib.mesh_from_config({"data": -1, "tensor": 2})
+  assert dict(m.shape) == {"data": 4, "fsdp": 1, "context": 1, "tensor": 2}
+  assert shard_lib.mesh_from_config({"fsdp": 8}).shape["fsdp"] == 8
+  with pytest.raises(UsageError, match="unknown axis"):
+    shard_lib.mesh_from_config({"model": 2})
+  with pytest.raises(UsageError, match="do not divide by 3"):
+    shard_lib.mesh_from_config({"data": -1, "fsdp": 3})
+  with pytest.raises(UsageError, match="needs 16 devices, 8 available"):
+    shard_lib.mesh_from_config({"data": 2, "fsdp": 8})
+  with pytest.raises(UsageError, match="at most one -1"):
+    shard_lib.mesh_from_config({"data": -1, "fsdp": -1})
+  rules = shard_lib.rules_from_config({"rules": {"act_tokens": None, "mlp": ["fsdp", "tensor"]}})
+  assert rules["act_tokens"] is None and rules["mlp"] == ("fsdp", "tensor") and rules["heads"] == "tensor"
+
+
+def test_spec_for_drops_axes_that_do_not_divide():
+  mesh = shard_lib.mesh_from_config({"data": 2, "fsdp": 4})
+  assert shard_lib.spec_for(("batch", "embed"), mesh, shape=(8, 64)) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+  # batch 2: only data divides it; embed then takes the free fsdp axis
+  assert shard_lib.spec_for(("batch", "embed"), mesh, shape=(2, 64)) == jax.sharding.PartitionSpec("data", "fsdp")
+  assert shard_lib.spec_for(("batch",), mesh, shape=(1,)) == jax.sharding.PartitionSpec(None)
+
+
+def test_params_placed_by_logical_names(model):
+  mesh = shard_lib.mesh_from_config({"fsdp": 4, "tensor": 2})
+  sh = shard_lib.param_shardings(nnx.state(model), mesh)
+  flat = dict((jax.tree_util.keystr(p), s.spec) for p, s in jax.tree_util.tree_flatten_with_path(sh)[0])
+  P = jax.sharding.PartitionSpec
+  assert flat["['blocks']['self_attn']['q']['kernel']"] == P(None, "fsdp", "tensor")  # layers, embed, heads
+  assert flat["['blocks']['ffn_out']['kernel']"] == P(None, "tensor", "fsdp")  # layers, mlp, embed
+  assert flat["['patch_embedding']['kernel']"] == P(None, "fsdp")
+
+  # Created directly on the shards, with the values of a single-device init.
+  cfg = asvd.load_config("configs/tiny.py")
+  made = shard_lib.init_sharded(lambda: asvd.init_dit(cfg.model, jax.random.key(0)), mesh)
+  shard_lib.check_sharded(made, mesh)
+  # Jitted init math rounds differently from eager in the last bit (1.2e-7 relative measured).
+  chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(made)), nnx.to_pure_dict(nnx.state(model)), rtol=1e-6, atol=1e-8)
+  q = nnx.state(made)["blocks"]["self_attn"]["q"]["kernel"][...]
+  assert q.addressable_shards[0].data.shape == (2, 64 // 4, 64 // 2)
+
+
+def test_check_sharded_names_the_parameter(model):
+  mesh = shard_lib.mesh_from_config({"fsdp": 8})
+  state = jax.device_put(nnx.state(model), shard_lib.param_shardings(nnx.state(model), mesh))
+  shard_lib.check_sharded(state, mesh)  # placed right: passes
+  # One weight replicated by hand: named.
+  k = state["blocks"]["ffn_in"]["kernel"]
+  k.set_value(jax.device_put(k[...], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+  with pytest.raises(UsageError, match=r"not placed by their logical names .*\['blocks'\]\['ffn_in'\]\['kernel'\]"):
+    shard_lib.check_sharded(state, mesh)
+  # A large weight whose names map to nothing (here: a rule table without fsdp) is replicated.
+  rules = dict(shard_lib.DEFAULT_RULES, embed=None)
+  placed = jax.device_put(nnx.state(model), shard_lib.param_shardings(nnx.state(model), mesh, rules))
+  with pytest.raises(UsageError, match="large parameter.*replicated on every device"):
+    shard_lib.check_sharded(placed, mesh, rules, min_size=1024)
+
+
+MESHES = {  # (stream below runs on data x tensor, the train step on data x fsdp x tensor)
+  "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+  "context2_tensor2_fsdp2": {"context": 2, "tensor": 2, "fsdp": 2},
+}
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_sharded_rollout_equals_single_device(name, cfg, context):
+  model = asvd.init_dit(cfg.model, jax.random.key(0))
+  rc = rcfg(cfg, scan_chunks=2)
+  single, carry0 = asvd.rollout(model, context, 5, num_chunks=3, config=rc)
+  mesh = shard_lib.mesh_from_config(MESHES[name])
+  shard_lib.shard_model(model, mesh)
+  # Parameters already on their shards and the prompt from the host: a rollout moves nothing
+  # between devices.
+  with jax.transfer_guard_device_to_device("disallow_explicit"):
+    sharded, carry = asvd.rollout(model, np.asarray(context), 5, num_chunks=3, config=rc, mesh=mesh)
+  chex.assert_trees_all_close(sharded, single, atol=2e-5, rtol=2e-5)
+  chex.assert_trees_all_close(carry, carry0, atol=2e-5, rtol=2e-5)
+  if MESHES[name].get("tensor", 1) > 1:
+    assert carry[1].k.sharding.spec[3] == "tensor"  # cached K/V: heads over tensor
+
+
+def _collectives(hlo: str) -> dict:
+  ops = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+  return {op: len(re.findall(rf"= [^=]*? {op}(?:-start)?\(", hlo)) for op in ops}
+
+
+def test_transition_collective_budget(cfg, context):
+  """On a data x fsdp x tensor mesh the compiled transition gathers weights and reduces partial
+  sums, but never reshards activations (no collective-permute, no all-to-all)."""
+  model = asvd.init_dit(cfg.model, jax.random.key(0))
+  mesh = shard_lib.mesh_from_config({"data": 2, "fsdp": 2, "tensor": 2})
+  shard_lib.shard_model(model, mesh)
+  state, cache, step = asvd.make_transition(model, np.asarray(context), config=rcfg(cfg), mesh=mesh)
+  noise = np.asarray(jax.random.normal(jax.random.key(2), tr.noise_shape(step.layout, 2, 16)))  # from the host
+  hlo = step.raw.lower(step.params, state, cache, noise).compile().as_text()
+  n = _collectives(hlo)
+  assert n["collective-permute"] == 0 and n["all-to-all"] == 0, n
+  assert n["all-gather"] > 0, n  # fsdp weights are gathered (a sign the mesh was used at all)
+  # Budget: per scanned layer body ~15 weight gathers and a few partial-sum reductions, plus the
+  # embeddings and head outside the loop; resharding would add dozens.
+  assert n["all-gather"] + n["all-reduce"] + n["reduce-scatter"] <= 80, n
+  with jax.transfer_guard_device_to_device("disallow_explicit"):
+    out = step(state, cache, noise)
+  s0, c0, single = asvd.make_transition(asvd.init_dit(cfg.model, jax.random.key(0)), context, config=rcfg(cfg))
+  chex.assert_trees_all_close(out, single(s0, c0, jnp.asarray(noise)), atol=2e-5, rtol=2e-5)
+
+
+def test_stream_with_mesh_equals_rollout(cfg, context):
+  model = asvd.init_dit(cfg.model, jax.random.key(0))
+  rc = rcfg(cfg)
+  mesh = shard_lib.mesh_from_config({"data": 2, "tensor": 2})
+  # Without shard_model a rollout still runs: its parameters are copied to their shards (the
+  # guard sees that copy, which the sharded-model tests never make).
+  with jax.transfer_guard_device_to_device("disallow_explicit"), pytest.raises(Exception, match="[Dd]isallowed"):
+    asvd.rollout(model, np.asarray(context), 7, num_chunks=1, config=rc, mesh=mesh)
+  shard_lib.shard_model(model, mesh)
+  lat, _ = asvd.rollout(model, context, 7, num_chunks=2, config=rc, mesh=mesh)
+  s = asvd.stream(model, context, 7, config=rc, num_chunks=2, mesh=mesh)
+  got = jnp.concatenate(list(s), axis=1)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(lat), atol=1e-6)
+  # A carry from a single-device run resumes on the mesh (moved to the program's shardings).
+  one, carry = asvd.rollout(asvd.init_dit(cfg.model, jax.random.key(0)), context, 7, num_chunks=1, config=rc)
+  rest, _ = asvd.rollout(model, context, 7, num_chunks=1, config=rc, mesh=mesh, carry=carry, start_chunk=1)
+  np.testing.assert_allclose(np.concatenate([np.asarray(one), np.asarray(rest)], axis=1), np.asarray(lat), atol=2e-5)
+  # A prompt switch on the mesh (its text K/V placed like the cache's) equals one device's.
+  other = np.asarray(jax.random.normal(jax.random.key(9), context.shape))
+  want, _ = asvd.rollout(asvd.init_dit(cfg.model, jax.random.key(0)), context, 7, num_chunks=2, config=rc, prompts=[(1, other)])
+  got, _ = asvd.rollout(model, context, 7, num_chunks=2, config=rc, prompts=[(1, other)], mesh=mesh)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+  assert np.abs(np.asarray(got) - np.asarray(lat)).max() > 1e-3  # the switch changed chunk 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Train steps.
+# ------------------------------------------------------------------------------------------------
+
+
+def _train_setup(cfg):
+  from asvd.data.synthetic import caption_embedding, config_for, make_clip  # noqa: PLC0415
+  from asvd.train import steps as st  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  c = config_for(9, 8, 8, 16, 16, 32, 2, 0)
+  batch = {
+    "latents": np.stack([make_clip(rng, c, i) for i in (0, 5, 1, 6)]),
+    "text": np.stack([caption_embedding(i, 16, 32) for i in (0, 5, 1, 6)]),
+  }
+  g, params = nnx.split(asvd.init_dit(cfg.model, 0))
+  _, teacher = nnx.split(asvd.init_dit(cfg.model, 7))
+  _, critic = nnx.split(asvd.init_dit(cfg.model, 8))
+  tx = st.optimizer(1e-3, cfg.train.optimizer)
+  state = st.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(0))
+  state = state.replace(critic=critic, critic_opt=tx.init(critic), ema=jax.tree.map(jnp.copy, params))
+  return g, tx, state, st.Frozen(teacher=teacher), batch
+
+
+def test_sharded_train_step_equals_single_device(cfg):
+  """The causal-init step (teacher forcing: context written to the cache with the adaptive
+  state, a chunk denoised against it, Adam) on a data x fsdp x tensor mesh: the same loss and
+  updated state as on one device, and the new state stays on its shards. Every stage's step is
+  jitted by this `_jit_step` (the DMD step is compiled sharded for a TPU in tests/test_aot.py;
+  compiling it twice for 8 CPU devices here took over 2 minutes)."""
+  from asvd.train import steps as st  # noqa: PLC0415
+  from asvd.train import trainer  # noqa: PLC0415
+
+  cfg = cfg.copy_and_resolve_references()
+  cfg.train.causal_init.method = "teacher_forcing"
+  lay = trainer.layout(cfg)
+  g, tx, state, frozen, batch = _train_setup(cfg)
+  gen = st.causal_init_step(g, tx, cfg, lay)
+  host = jax.tree.map(np.asarray, state)  # each run below gets its own (donated) buffers
+  single = trainer._jit_step(gen, None, None, state, frozen)
+  want_state, want = single(jax.tree.map(jnp.asarray, host), jax.tree.map(jnp.asarray, batch), frozen)
+
+  mesh = shard_lib.mesh_from_config({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = shard_lib.DEFAULT_RULES
+  s = jax.device_put(host, shard_lib.tree_shardings(state, mesh, rules))
+  f = jax.device_put(frozen, shard_lib.tree_shardings(frozen, mesh, rules))
+  sharded = trainer._jit_step(gen, mesh, rules, s, f)
+  with jax.transfer_guard_device_to_device("disallow_explicit"):
+    got_state, got = sharded(s, shard_lib.place_batch(batch, mesh, rules), f)
+  np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
+  chex.assert_trees_all_close(got_state, want_state, atol=2e-5, rtol=2e-4)
+  assert float(jnp.abs(got_state.params["head"]["kernel"][...] - state.params["head"]["kernel"][...]).max()) > 0  # it trained
+  shard_lib.check_sharded(got_state.params, mesh, rules)
+  q = got_state.params["blocks"]["self_attn"]["q"]["kernel"][...]
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
