@@ -334,12 +334,6 @@ def active() -> tuple[Mesh, Mapping] | None:
   return getattr(_ACTIVE, "value", None)
 
 
-def active_mesh() -> Mesh | None:
-  """The mesh of the enclosing `activation_sharding` (None outside one)."""
-  active = getattr(_ACTIVE, "value", None)
-  return None if active is None else active[0]
-
-
 __all__ = [
   "MESH_AXES",
   "DEFAULT_RULES",
