@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Sets everything up (venv + asvd[torch,test,tpu]; libtpu only to compile for TPU slices ahead
 # of time, the tests run on CPU) and runs the test suite.  Extra args go to pytest.
+#
+# Test files run on ASVD_TEST_WORKERS pytest-xdist processes (default 2, one per core of the
+# CI machine; 0 runs them in this process), a whole file per worker (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh torch,test,tpu
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-exec python -m pytest -q "$@"
+workers="${ASVD_TEST_WORKERS:-2}"
+par=()
+[ "$workers" != "0" ] && par=(-n "$workers" --dist loadfile --no-loadscope-reorder)
+exec python -m pytest -q ${par[@]+"${par[@]}"} "$@"

@@ -311,6 +311,15 @@ def test_auto_attention_compiles_splash_ahead_of_time_for_a_tpu():
   assert compiled.memory_analysis().temp_size_in_bytes > 0
 
 
+def test_auto_attention_is_dense_on_cpu_only_while_the_scores_are_small():
+  most = attn_lib.DENSE_SCORES_MAX_BYTES // 4  # f32 scores
+  assert attn_lib.auto_choice(jnp.float32, "cpu", scores=most) == "xla"
+  assert attn_lib.auto_choice(jnp.bfloat16, "cpu", scores=most + 1) == "flash"
+  assert attn_lib.auto_choice(jnp.float32, "cpu") == "flash"
+  assert attn_lib.auto_choice(jnp.bfloat16, "tpu", scores=1) == "splash"
+  assert attn_lib.auto_choice(jnp.bfloat16, "gpu", scores=1) == "cudnn"
+
+
 def _transition_temps(spec, attention):
   from asvd import transition as tr  # noqa: PLC0415
 

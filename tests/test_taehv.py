@@ -68,7 +68,8 @@ def test_streaming_decode_equals_whole_video_and_wan_vae_frame_counts():
   for a, b in ((0, 1), (1, 4), (4, 7)):  # chunks of 1 (the first latent), 3, 3
     px, memory = model.decode_chunk(z[:, a:b], memory)
     parts.append(px)
-  np.testing.assert_array_equal(np.concatenate(parts, 1), np.asarray(whole))
+  # Different program shapes: equal up to float order (an ulp), not bitwise.
+  np.testing.assert_allclose(np.concatenate(parts, 1), np.asarray(whole), atol=1e-6, rtol=0)
   wan = init_vae(dict(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1, temperal_downsample=(False, True, True)), 0)
   assert [p.shape[1] for p in parts] == [wan.num_pixel_frames(1), wan.num_pixel_frames(3, first=False), wan.num_pixel_frames(3, first=False)] == [1, 12, 12]
 

@@ -23,7 +23,7 @@ Backends:
 * `splash` (`asvd/models/splash_attention.py`): Pallas splash attention on TPU; slot validity
   as segment ids.
 * `auto` (the default): `cudnn` on NVIDIA GPUs (f32 inputs: `dot_product`), `splash` on TPU,
-  `flash` elsewhere.
+  `flash` elsewhere (`xla` while the f32 scores take at most `DENSE_SCORES_MAX_BYTES`).
 * `blocked`: exact attention one head and one query block at a time, so the f32 score tile stays
   in cache; 1.7x faster than `xla` on CPUs (benchmarks/README.md). It does not tile over keys.
 Register more with `register_attention`.
@@ -206,18 +206,34 @@ def auto_platform(platform: str):
     _AUTO_PLATFORM.pop()
 
 
-def auto_choice(dtype, platform: str | None = None) -> str:
-  """The backend `auto` uses for inputs of `dtype` on `platform` (default: the one tracing)."""
+# On CPU, `auto` keeps dense `xla` attention while its f32 scores [B, H, Sq, Sk] stay this small:
+# tiling pays off only once the scores would not fit in memory, and below this the plain einsums
+# run as fast and compile ~1.6x faster (tiny models, tests); any real video size is far above it
+# (the 1.3B chunk's scores are 7 GB).
+DENSE_SCORES_MAX_BYTES = 16 * 2**20
+
+
+def auto_choice(dtype, platform: str | None = None, scores: int | None = None) -> str:
+  """The backend `auto` uses for inputs of `dtype` on `platform` (default: the one tracing).
+
+  Args:
+    dtype: the query/key dtype.
+    platform: a JAX platform name; default: `auto_platform`'s, else the default backend.
+    scores: the number of attention scores `B * H * Sq * Sk` (None: assume large).
+  """
   p = platform or (_AUTO_PLATFORM[-1] if _AUTO_PLATFORM else jax.default_backend())
   if p in ("gpu", "cuda"):
     return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "dot_product"
   if p == "tpu":
     return "splash"
+  if scores is not None and 4 * scores <= DENSE_SCORES_MAX_BYTES:
+    return "xla"
   return "flash"
 
 
 def _auto(q, k, v, frame_mask=None, probe=False):
-  return _REGISTRY[auto_choice(q.dtype)](q, k, v, frame_mask, probe)
+  b, sq, h, _ = q.shape
+  return _REGISTRY[auto_choice(q.dtype, scores=b * h * sq * k.shape[1])](q, k, v, frame_mask, probe)
 
 
 register_attention("auto", _auto)

@@ -1,0 +1,142 @@
+"""Each training stage's step in-process on the tiny config: losses go down, the ODE init's
+teacher trajectory, DMD's horizon weights, windows and replay, the data pipeline."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from train_helpers import assert_decreasing, fresh, run_fixed_key
+
+import asvd
+from asvd.train import losses, trainer
+from asvd.train import steps as st
+
+# ------------------------------------------------------------------------------------------------
+# Each stage's step lowers its loss (same batch and key, so only the parameters change).
+# ------------------------------------------------------------------------------------------------
+
+
+def test_teacher_and_causal_init_losses_decrease(tiny):
+  cfg, lay, batch = tiny
+  g, tx, state = fresh(cfg, 1e-3)
+  assert_decreasing(run_fixed_key(jax.jit(st.teacher_step(g, tx, cfg)), state, 4, batch))
+  cfg_tf = cfg.copy_and_resolve_references()
+  cfg_tf.train.causal_init.method = "teacher_forcing"
+  g, tx, state = fresh(cfg_tf, 1e-3, seed=1)
+  assert_decreasing(
+    run_fixed_key(jax.jit(st.causal_init_step(g, tx, cfg_tf, lay)), state, 4, batch)
+  )
+  # ODE regression from a (random) frozen teacher's trajectories.
+  assert cfg.train.causal_init.method == "ode"
+  g, tx, state = fresh(cfg, 1e-3, seed=1)
+  _, teacher = nnx.split(asvd.init_dit(cfg.model, 7))
+  step = jax.jit(st.causal_init_step(g, tx, cfg, lay, g))
+  assert_decreasing(run_fixed_key(step, state, 4, batch, st.Frozen(teacher=teacher)))
+
+
+def test_ode_trajectory_is_the_teachers_euler_ode_recorded_at_the_student_sigmas(tiny):
+  """Against a plain Python loop of Euler steps with CFG, written here from the formulas."""
+  cfg, lay, batch = tiny
+  steps, shift, scale = 6, float(cfg.sampler.shift), 3.0
+  grid, record = st.ode_grid(lay, steps, shift)
+  assert grid[0] == 1.0 and grid[-1] == 0.0 and np.all(np.diff(grid) < 0)
+  np.testing.assert_array_equal(
+    grid[record], np.asarray(lay.sigmas)
+  )  # the student's sigmas are grid points
+  teacher = asvd.init_dit(cfg.model, 3)
+  key = jax.random.PRNGKey(4)
+  path = st.teacher_trajectory(teacher, lay, batch["text"], key, 6, steps, shift, scale)
+  assert path.shape == (2, len(lay.sigmas) + 1, 6, *lay.latent_hw, 16)
+  x = np.asarray(jax.random.normal(key, (2, 6, *lay.latent_hw, 16)))
+  cond_kv, unc_kv = teacher.text_kv(batch["text"]), teacher.text_kv(jnp.zeros_like(batch["text"]))
+  seen = {}
+  u = np.linspace(1, 0, steps + 1)
+  sig = sorted(set((shift * u / (1 + (shift - 1) * u)).tolist()) | set(lay.sigmas), reverse=True)
+  for s, s_next in zip(sig[:-1], sig[1:], strict=True):
+    seen[s] = x
+    t = jnp.full((2, 6), 1000.0 * s)
+    c, n = (
+      np.asarray(teacher(jnp.asarray(x), t, cond_kv)),
+      np.asarray(teacher(jnp.asarray(x), t, unc_kv)),
+    )
+    x = x + (s_next - s) * (c + scale * (c - n))
+  want = np.stack([seen[s] for s in lay.sigmas] + [x], axis=1)
+  np.testing.assert_allclose(np.asarray(path), want, atol=2e-5, rtol=0)
+
+
+def test_horizon_weights_and_windows():
+  np.testing.assert_allclose(
+    losses.horizon_weights([6, 9, 12], 6, 0.0), [1, 1, 1]
+  )  # alpha 0: plain DMD
+  w = np.array([1.0, 1.5**2, 2.0**2])
+  np.testing.assert_allclose(losses.horizon_weights([6, 9, 12], 6, 2.0), w / w.mean(), rtol=1e-6)
+  assert losses.window_starts(12, 6, 3) == [0, 3, 6]
+  assert losses.window_starts(4, 6, 3) == [0]
+  lay = trainer.layout(asvd.load_config("configs/tiny.py"))
+  frames = jnp.arange(9.0).reshape(1, 9, 1, 1, 1) * jnp.ones((1, 9, 8, 8, 16))
+  states = 100.0 + jnp.arange(3.0).reshape(1, 3, 1, 1, 1, 1) * jnp.ones((1, 3, 1, 8, 8, 16))
+  wins, ends = st.dmd_windows(frames, states, lay, 6, True)
+  assert ends == [6, 9]
+  np.testing.assert_array_equal(np.asarray(wins[0, 0, :, 0, 0, 0]), [0, 1, 2, 3, 4, 5])
+  np.testing.assert_array_equal(
+    np.asarray(wins[1, 0, :, 0, 0, 0]), [100, 4, 5, 6, 7, 8]
+  )  # the state of chunk 0
+  wins, _ = st.dmd_windows(frames, states, lay, 6, False)
+  np.testing.assert_array_equal(np.asarray(wins[1, 0, :, 0, 0, 0]), [3, 4, 5, 6, 7, 8])
+
+
+def test_data_pipeline_deterministic_resumable_sharded(tmp_path, cfg):
+  from asvd.data.pipeline import make_iterator  # noqa: PLC0415
+
+  def it(seed, pi=0, pc=1):
+    return make_iterator(
+      cfg,
+      (8, 8),
+      batch_size=2,
+      seed=seed,
+      data_dir=str(tmp_path),
+      process_index=pi,
+      process_count=pc,
+    )
+
+  a, b = it(0), it(0)
+  for _ in range(3):
+    np.testing.assert_array_equal(next(a)["latents"], next(b)["latents"])
+  state = a.get_state()
+  want = next(a)["latents"]
+  c = it(0)
+  c.set_state(state)
+  np.testing.assert_array_equal(next(c)["latents"], want)
+  assert not np.array_equal(next(it(1))["latents"], next(it(0))["latents"])  # the seed matters
+  # Two processes with batches of 2 read different examples, and together the global batch of
+  # one process with batches of 4 (the same run on any number of processes).
+  p0, p1, one = (
+    it(0, 0, 2),
+    it(0, 1, 2),
+    make_iterator(cfg, (8, 8), batch_size=4, seed=0, data_dir=str(tmp_path)),
+  )
+  for _ in range(3):
+    a0, a1, g = next(p0), next(p1), next(one)
+    assert not {x.tobytes() for x in a0["latents"]} & {x.tobytes() for x in a1["latents"]}
+    np.testing.assert_array_equal(np.concatenate([a0["latents"], a1["latents"]]), g["latents"])
+
+
+def test_dmd_replay_equals_direct_gradient(tiny):
+  cfg, lay, batch = tiny
+  g, tx, state = fresh(cfg, 1e-3)
+  _, teacher = nnx.split(asvd.init_dit(cfg.model, 7))
+  _, critic = nnx.split(asvd.init_dit(cfg.model, 8))
+  state = state.replace(critic=critic, critic_opt=tx.init(critic), ema=state.params)
+  out = {}
+  for replay in (False, True):
+    c = cfg.copy_and_resolve_references()
+    c.train.dmd.update(replay=replay, rollout_chunks=4, grad_from_chunk=1)
+    gen, _ = st.dmd_steps(g, g, tx, tx, c, lay)
+    out[replay] = jax.jit(gen.grads)(state, batch, st.Frozen(teacher=teacher), jax.random.key(3))
+  np.testing.assert_allclose(float(out[True][0]), float(out[False][0]), rtol=1e-6)
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(out[True][1]), jax.tree.leaves(out[False][1]), strict=True
+  ):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-12, jax.tree_util.keystr(path)
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(out[True][1]))
