@@ -5,8 +5,9 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tiny test programs spend ~30x longer in XLA's compiler than running, so the tests (and
 # the `asvd` subprocesses they start, which inherit XLA_FLAGS) compile without LLVM's backend
-# optimizations: ~2.5x faster compiles, same numerics (no fast-math either way). A flag the user
-# set wins.
+# optimizations: ~2.5x faster compiles; no fast-math either way, but float order may differ by
+# an ulp between two programs (tests/test_taehv.py compares chunked vs whole decodes to 1e-6). A
+# flag the user set wins.
 _xla = os.environ.get("XLA_FLAGS", "")
 if "xla_backend_optimization_level" not in _xla:
   _xla += " --xla_backend_optimization_level=0"

@@ -16,18 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import assert_decreasing, run_fixed_key
+from train_helpers import ENV, TRAIN, assert_decreasing, lines, run_fixed_key
 
 import asvd
 from asvd.train import steps as st
 from asvd.train import trainer
-
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
-TRAIN = [sys.executable, "-m", "asvd.main", "train", "--config", "configs/tiny.py", "--no-progress"]
-
-
-def lines(path):
-  return (path / "metrics.jsonl").read_text().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -49,25 +42,7 @@ def test_default_run_writes_models_and_metrics(trained, tmp_path):
   assert any("generator_loss" in r for r in recs if r["stage"] == "dmd")
   assert "model_grad_norm/blocks" in recs[0] and "model_update_norm/head" in recs[0]
   # The trained generator runs with `asvd generate --checkpoint`.
-  p = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "asvd.main",
-      "generate",
-      "--config",
-      "configs/tiny.py",
-      "--checkpoint",
-      str(trained / "dmd" / "model"),
-      "--chunks",
-      "2",
-      "--out",
-      str(tmp_path / "g"),
-    ],
-    capture_output=True,
-    text=True,
-    env=ENV,
-  )
+  p = subprocess.run([sys.executable, "-m", "asvd.main", "generate", "--config", "configs/tiny.py", "--checkpoint", str(trained / "dmd" / "model"), "--chunks", "2", "--out", str(tmp_path / "g")], capture_output=True, text=True, env=ENV)
   assert p.returncode == 0, p.stderr[-2000:]
   assert np.load(tmp_path / "g" / "latents.npy").shape == (1, 6, 8, 8, 16)
 
@@ -88,9 +63,7 @@ def test_tensorboard_scalars_and_sample_videos(trained):
   recs = [json.loads(x) for x in lines(trained)]
   cfg = asvd.load_config("configs/tiny.py")
   for stage, frames in (("teacher", 6), ("causal_init", 12), ("dmd", 12)):
-    acc = event_accumulator.EventAccumulator(
-      str(trained / "tensorboard" / stage), size_guidance={"images": 0, "scalars": 0}
-    )
+    acc = event_accumulator.EventAccumulator(str(trained / "tensorboard" / stage), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     mine = [r for r in recs if r["stage"] == stage]
     got = acc.Scalars("loss")
@@ -99,24 +72,12 @@ def test_tensorboard_scalars_and_sample_videos(trained):
     assert set(acc.Tags()["scalars"]) == set().union(*mine) - {"stage", "step"}
     imgs = acc.Images("sample")
     assert [e.step for e in imgs] == list(range(10, cfg.train[stage].steps + 1, 10))
-    gif = np.stack(
-      [
-        np.asarray(f.convert("RGB"))
-        for f in ImageSequence.Iterator(Image.open(io.BytesIO(imgs[-1].encoded_image_string)))
-      ]
-    )
+    gif = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(io.BytesIO(imgs[-1].encoded_image_string)))])
     assert gif.shape == (frames, 64, 64, 3)
     mp4 = read_video(str(trained / stage / "samples" / f"step_{imgs[-1].step:06d}.mp4"))
     assert mp4.shape == gif.shape and np.abs(mp4.astype(float) - gif).mean() < 6  # h264 is lossy
   text = jnp.asarray(data_source(cfg, (8, 8), str(trained / "data"))[0]["text"])[None]
-  lat, _ = asvd.rollout(
-    asvd.load_dit(trained / "dmd" / "model"),
-    text,
-    jax.random.PRNGKey(0),
-    num_chunks=4,
-    config=cfg.rollout,
-    sampler_config=cfg.sampler,
-  )
+  lat, _ = asvd.rollout(asvd.load_dit(trained / "dmd" / "model"), text, jax.random.PRNGKey(0), num_chunks=4, config=cfg.rollout, sampler_config=cfg.sampler)
   assert np.abs(preview(np.asarray(lat)[0]).astype(float) - gif).mean() < 0.5  # GIF palette
 
 
@@ -154,12 +115,7 @@ def test_truncated_checkpoint_is_one_clear_error(trained, tmp_path):
       if f != "_METADATA":
         os.remove(os.path.join(root, f))
   before = lines(work)
-  p = subprocess.run(
-    [*TRAIN, "--workdir", str(work), "--config.train.dmd.steps=12"],
-    capture_output=True,
-    text=True,
-    env=ENV,
-  )
+  p = subprocess.run([*TRAIN, "--workdir", str(work), "--config.train.dmd.steps=12"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 2, p.stderr[-2000:]
   assert f"checkpoints/{latest}: cannot restore" in p.stderr and "Traceback" not in p.stderr
   assert lines(work) == before  # nothing half-restored, no metrics rewritten
@@ -168,12 +124,7 @@ def test_truncated_checkpoint_is_one_clear_error(trained, tmp_path):
 def test_workdir_with_another_config_is_refused(trained, tmp_path):
   work = tmp_path / "run"
   shutil.copytree(trained, work)
-  p = subprocess.run(
-    [*TRAIN, "--workdir", str(work), "--config.train.horizon_alpha=4.0"],
-    capture_output=True,
-    text=True,
-    env=ENV,
-  )
+  p = subprocess.run([*TRAIN, "--workdir", str(work), "--config.train.horizon_alpha=4.0"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 2 and "train.horizon_alpha" in p.stderr
 
 
@@ -188,70 +139,26 @@ def test_workdir_holding_user_files_is_refused(tmp_path):
 
 
 def test_dmd_without_a_teacher_is_one_error(tmp_path):
-  p = subprocess.run(
-    [
-      *TRAIN,
-      "--workdir",
-      str(tmp_path / "w"),
-      "--config.train.stages=('dmd',)",
-      "--config.train.dmd.steps=1",
-    ],
-    capture_output=True,
-    text=True,
-    env=ENV,
-  )
+  p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "w"), "--config.train.stages=('dmd',)", "--config.train.dmd.steps=1"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 2 and "train.dmd.teacher" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_non_finite_loss_names_step_and_subtree(tmp_path):
-  p = subprocess.run(
-    [
-      *TRAIN,
-      "--workdir",
-      str(tmp_path / "nan"),
-      "--config.train.stages=('teacher',)",
-      "--config.train.teacher.lr=1e30",
-      "--config.train.optimizer.clip_norm=1e30",
-    ],
-    capture_output=True,
-    text=True,
-    env=ENV,
-  )
+  p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "nan"), "--config.train.stages=('teacher',)", "--config.train.teacher.lr=1e30", "--config.train.optimizer.clip_norm=1e30"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 2, p.stderr[-2000:]
   assert "teacher step" in p.stderr and "non-finite" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_bad_train_config_errors(tmp_path):
-  p = subprocess.run(
-    [*TRAIN, "--workdir", str(tmp_path / "x"), "--config.train.stages=('dmd','teacher')"],
-    capture_output=True,
-    text=True,
-    env=ENV,
-  )
+  p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "x"), "--config.train.stages=('dmd','teacher')"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 2 and "train.stages" in p.stderr
-  p = subprocess.run(
-    [*TRAIN, "--workdir", str(tmp_path / "x"), "--config.train.data.frames=4"],
-    capture_output=True,
-    text=True,
-    env=ENV,
-  )
+  p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "x"), "--config.train.data.frames=4"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 2 and "train.data.frames" in p.stderr
   # Checked before any work (in-process: the same check_config the CLI calls first).
   for over, named in (
     (["train.causal_init.method=odee"], "train.causal_init.method"),
-    (
-      ["train.horizon_frames=4", "train.data.frames=9"],
-      "train.horizon_frames",
-    ),  # ODE init: H >= Wp + F
-    (
-      [
-        "rollout.anchor=none",
-        "rollout.positions=absolute",
-        "train.stages=('dmd',)",
-        "train.sample_chunks=8",
-      ],
-      "train.sample_chunks",
-    ),
+    (["train.horizon_frames=4", "train.data.frames=9"], "train.horizon_frames"),  # ODE init: H >= Wp + F
+    (["rollout.anchor=none", "rollout.positions=absolute", "train.stages=('dmd',)", "train.sample_chunks=8"], "train.sample_chunks"),
     (["train.dmd.reencode_vae=/nonexistent/vae.pth"], "train.dmd.reencode_vae"),
   ):
     with pytest.raises(asvd.UsageError, match=re.escape(named)):
@@ -264,9 +171,7 @@ def test_dmd_generator_and_critic_losses_decrease(tiny, trained):
   g, params = nnx.split(asvd.load_dit(trained / "causal_init" / "model"))
   _, teacher = nnx.split(asvd.load_dit(trained / "teacher" / "model"))
   tx = st.optimizer(1e-3, cfg.train.optimizer)
-  state = st.TrainState(
-    step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(0)
-  )
+  state = st.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(0))
   state = state.replace(critic=teacher, critic_opt=tx.init(teacher), ema=state.params)
   gen, critic = st.dmd_steps(g, g, tx, tx, cfg, lay)
   frozen = st.Frozen(teacher=teacher)
@@ -276,13 +181,7 @@ def test_dmd_generator_and_critic_losses_decrease(tiny, trained):
 
 def test_sigterm_saves_and_resumes(trained, tmp_path):
   work = tmp_path / "run"
-  proc = subprocess.Popen(
-    [*TRAIN, "--workdir", str(work), "--config.train.stages=('teacher',)"],
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-    env=ENV,
-  )
+  proc = subprocess.Popen([*TRAIN, "--workdir", str(work), "--config.train.stages=('teacher',)"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
   deadline = time.time() + 600  # a wait, not a speed target
   while time.time() < deadline:  # stop it once training has begun
     if (work / "metrics.jsonl").is_file() and len(lines(work)) >= 3:
@@ -296,15 +195,8 @@ def test_sigterm_saves_and_resumes(trained, tmp_path):
   else:
     assert proc.returncode == 143 and "stopped by SIGTERM at step" in err, err[-2000:]
     ck = work / "teacher" / "checkpoints"
-    assert (
-      max(int(d) for d in os.listdir(ck) if d.isdigit()) == stopped[-1]
-    )  # saved where it stopped
-  p = subprocess.run(
-    [*TRAIN, "--workdir", str(work), "--config.train.stages=('teacher',)"],
-    capture_output=True,
-    text=True,
-    env=ENV,
-  )
+    assert max(int(d) for d in os.listdir(ck) if d.isdigit()) == stopped[-1]  # saved where it stopped
+  p = subprocess.run([*TRAIN, "--workdir", str(work), "--config.train.stages=('teacher',)"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 0, p.stderr[-2000:]
   want = [x for x in lines(trained) if json.loads(x)["stage"] == "teacher"]
   assert lines(work) == want

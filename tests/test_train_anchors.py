@@ -2,21 +2,12 @@
 default run in test_train.py)."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
+from train_helpers import ENV, TRAIN, lines
 
 import asvd
-
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
-TRAIN = [sys.executable, "-m", "asvd.main", "train", "--config", "configs/tiny.py", "--no-progress"]
-
-
-def lines(path):
-  return (path / "metrics.jsonl").read_text().splitlines()
-
 
 # Each anchor mode through at least one stage, and each stage (and both causal-init methods) for
 # some non-adaptive anchor; the full teacher -> causal init -> DMD run is the LoRA one.
@@ -36,28 +27,8 @@ def test_every_anchor_mode_trains_with_the_same_code(tmp_path, anchor):
   teacher = tmp_path / "teacher_ck"
   asvd.save_dit(asvd.init_dit(asvd.load_config("configs/tiny.py").model, 5), teacher)
   method = ["--config.train.causal_init.method=teacher_forcing"] if anchor == "ema" else []
-  args = [
-    *lora,
-    *method,
-    f"--config.train.stages={stages!r}",
-    "--config.train.causal_init.steps=2",
-    "--config.train.dmd.steps=2",
-    f"--config.rollout.anchor={anchor}",
-    f"--config.train.dmd.teacher={teacher}",
-    "--config.train.optimizer.grad_accum=2",
-  ]
-  p = subprocess.run(
-    [
-      *TRAIN,
-      "--workdir",
-      str(tmp_path / "run"),
-      *args,
-      "--config.train.dmd.teacher_dtype=bfloat16",
-    ],
-    capture_output=True,
-    text=True,
-    env=ENV,
-  )
+  args = [*lora, *method, f"--config.train.stages={stages!r}", "--config.train.causal_init.steps=2", "--config.train.dmd.steps=2", f"--config.rollout.anchor={anchor}", f"--config.train.dmd.teacher={teacher}", "--config.train.optimizer.grad_accum=2"]
+  p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "run"), *args, "--config.train.dmd.teacher_dtype=bfloat16"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 0, p.stderr[-3000:]
   recs = [json.loads(x) for x in lines(tmp_path / "run")]
   assert [r["stage"] for r in recs] == [s for s in stages for _ in range(2)]

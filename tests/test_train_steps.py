@@ -23,9 +23,7 @@ def test_teacher_and_causal_init_losses_decrease(tiny):
   cfg_tf = cfg.copy_and_resolve_references()
   cfg_tf.train.causal_init.method = "teacher_forcing"
   g, tx, state = fresh(cfg_tf, 1e-3, seed=1)
-  assert_decreasing(
-    run_fixed_key(jax.jit(st.causal_init_step(g, tx, cfg_tf, lay)), state, 4, batch)
-  )
+  assert_decreasing(run_fixed_key(jax.jit(st.causal_init_step(g, tx, cfg_tf, lay)), state, 4, batch))
   # ODE regression from a (random) frozen teacher's trajectories.
   assert cfg.train.causal_init.method == "ode"
   g, tx, state = fresh(cfg, 1e-3, seed=1)
@@ -40,9 +38,7 @@ def test_ode_trajectory_is_the_teachers_euler_ode_recorded_at_the_student_sigmas
   steps, shift, scale = 6, float(cfg.sampler.shift), 3.0
   grid, record = st.ode_grid(lay, steps, shift)
   assert grid[0] == 1.0 and grid[-1] == 0.0 and np.all(np.diff(grid) < 0)
-  np.testing.assert_array_equal(
-    grid[record], np.asarray(lay.sigmas)
-  )  # the student's sigmas are grid points
+  np.testing.assert_array_equal(grid[record], np.asarray(lay.sigmas))  # the student's sigmas are grid points
   teacher = asvd.init_dit(cfg.model, 3)
   key = jax.random.PRNGKey(4)
   path = st.teacher_trajectory(teacher, lay, batch["text"], key, 6, steps, shift, scale)
@@ -55,19 +51,14 @@ def test_ode_trajectory_is_the_teachers_euler_ode_recorded_at_the_student_sigmas
   for s, s_next in zip(sig[:-1], sig[1:], strict=True):
     seen[s] = x
     t = jnp.full((2, 6), 1000.0 * s)
-    c, n = (
-      np.asarray(teacher(jnp.asarray(x), t, cond_kv)),
-      np.asarray(teacher(jnp.asarray(x), t, unc_kv)),
-    )
+    c, n = np.asarray(teacher(jnp.asarray(x), t, cond_kv)), np.asarray(teacher(jnp.asarray(x), t, unc_kv))
     x = x + (s_next - s) * (c + scale * (c - n))
   want = np.stack([seen[s] for s in lay.sigmas] + [x], axis=1)
   np.testing.assert_allclose(np.asarray(path), want, atol=2e-5, rtol=0)
 
 
 def test_horizon_weights_and_windows():
-  np.testing.assert_allclose(
-    losses.horizon_weights([6, 9, 12], 6, 0.0), [1, 1, 1]
-  )  # alpha 0: plain DMD
+  np.testing.assert_allclose(losses.horizon_weights([6, 9, 12], 6, 0.0), [1, 1, 1])  # alpha 0: plain DMD
   w = np.array([1.0, 1.5**2, 2.0**2])
   np.testing.assert_allclose(losses.horizon_weights([6, 9, 12], 6, 2.0), w / w.mean(), rtol=1e-6)
   assert losses.window_starts(12, 6, 3) == [0, 3, 6]
@@ -78,9 +69,7 @@ def test_horizon_weights_and_windows():
   wins, ends = st.dmd_windows(frames, states, lay, 6, True)
   assert ends == [6, 9]
   np.testing.assert_array_equal(np.asarray(wins[0, 0, :, 0, 0, 0]), [0, 1, 2, 3, 4, 5])
-  np.testing.assert_array_equal(
-    np.asarray(wins[1, 0, :, 0, 0, 0]), [100, 4, 5, 6, 7, 8]
-  )  # the state of chunk 0
+  np.testing.assert_array_equal(np.asarray(wins[1, 0, :, 0, 0, 0]), [100, 4, 5, 6, 7, 8])  # the state of chunk 0
   wins, _ = st.dmd_windows(frames, states, lay, 6, False)
   np.testing.assert_array_equal(np.asarray(wins[1, 0, :, 0, 0, 0]), [3, 4, 5, 6, 7, 8])
 
@@ -89,15 +78,7 @@ def test_data_pipeline_deterministic_resumable_sharded(tmp_path, cfg):
   from asvd.data.pipeline import make_iterator  # noqa: PLC0415
 
   def it(seed, pi=0, pc=1):
-    return make_iterator(
-      cfg,
-      (8, 8),
-      batch_size=2,
-      seed=seed,
-      data_dir=str(tmp_path),
-      process_index=pi,
-      process_count=pc,
-    )
+    return make_iterator(cfg, (8, 8), batch_size=2, seed=seed, data_dir=str(tmp_path), process_index=pi, process_count=pc)
 
   a, b = it(0), it(0)
   for _ in range(3):
@@ -110,11 +91,7 @@ def test_data_pipeline_deterministic_resumable_sharded(tmp_path, cfg):
   assert not np.array_equal(next(it(1))["latents"], next(it(0))["latents"])  # the seed matters
   # Two processes with batches of 2 read different examples, and together the global batch of
   # one process with batches of 4 (the same run on any number of processes).
-  p0, p1, one = (
-    it(0, 0, 2),
-    it(0, 1, 2),
-    make_iterator(cfg, (8, 8), batch_size=4, seed=0, data_dir=str(tmp_path)),
-  )
+  p0, p1, one = it(0, 0, 2), it(0, 1, 2), make_iterator(cfg, (8, 8), batch_size=4, seed=0, data_dir=str(tmp_path))
   for _ in range(3):
     a0, a1, g = next(p0), next(p1), next(one)
     assert not {x.tobytes() for x in a0["latents"]} & {x.tobytes() for x in a1["latents"]}
@@ -134,9 +111,7 @@ def test_dmd_replay_equals_direct_gradient(tiny):
     gen, _ = st.dmd_steps(g, g, tx, tx, c, lay)
     out[replay] = jax.jit(gen.grads)(state, batch, st.Frozen(teacher=teacher), jax.random.key(3))
   np.testing.assert_allclose(float(out[True][0]), float(out[False][0]), rtol=1e-6)
-  for (path, a), b in zip(
-    jax.tree_util.tree_leaves_with_path(out[True][1]), jax.tree.leaves(out[False][1]), strict=True
-  ):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out[True][1]), jax.tree.leaves(out[False][1]), strict=True):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-12, jax.tree_util.keystr(path)
   assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(out[True][1]))

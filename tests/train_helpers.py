@@ -1,4 +1,7 @@
-"""Helpers of the in-process training-step tests (test_train.py, test_train_steps.py)."""
+"""Helpers of the training tests (test_train.py, test_train_steps.py, test_train_anchors.py)."""
+
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +9,14 @@ from flax import nnx
 
 import asvd
 from asvd.train import steps as st
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+TRAIN = [sys.executable, "-m", "asvd.main", "train", "--config", "configs/tiny.py", "--no-progress"]
+
+
+def lines(path):
+  """The lines of a workdir's metrics.jsonl."""
+  return (path / "metrics.jsonl").read_text().splitlines()
 
 
 def run_fixed_key(step, state, n, *args, name="loss"):
@@ -27,8 +38,4 @@ def fresh(cfg, lr, seed=0):
   model = asvd.init_dit(cfg.model, seed)
   g, p = nnx.split(model)
   tx = st.optimizer(lr, cfg.train.optimizer)
-  return (
-    g,
-    tx,
-    st.TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p), key=jax.random.PRNGKey(seed)),
-  )
+  return g, tx, st.TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p), key=jax.random.PRNGKey(seed))
