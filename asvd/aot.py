@@ -121,8 +121,9 @@ def _abstract_train_state(model_cfg, tx):
   return graphdef, params, opt
 
 
-def plan_dmd(cfg, mesh, rules, teacher_cfg=None) -> dict[str, Any]:
-  """The compiled DMD generator and critic steps on `mesh` (`teacher_cfg`: another teacher)."""
+def plan_dmd(cfg, mesh, rules, teacher_cfg=None, names=("dmd", "critic")) -> dict[str, Any]:
+  """The compiled DMD generator (`dmd`) and/or critic step on `mesh`, as `names` asks
+  (`teacher_cfg`: another teacher)."""
   from asvd.train import steps as st  # noqa: PLC0415
   from asvd.train import trainer  # noqa: PLC0415
 
@@ -149,6 +150,8 @@ def plan_dmd(cfg, mesh, rules, teacher_cfg=None) -> dict[str, Any]:
   gen, critic_step = st.dmd_steps(graphdef, score_graphdef, tx, critic_tx, cfg, lay, score_graphdef, None)
   out = {}
   for name, fn in (("dmd", gen), ("critic", critic_step)):
+    if name not in names:
+      continue  # (each is a long compile at real size)
     jitted = trainer._jit_step(fn, mesh, rules, state, frozen).program(batch)
     out[name] = jitted.lower(state, batch, frozen).compile()
   return out
@@ -178,9 +181,9 @@ def plan(cfg, *, topology: str | None = None, programs=PROGRAMS, teacher_cfg=Non
     if "transition" in programs:
       plans.append(_plan("transition", plan_transition(cfg, mesh, rules)))
     if "dmd" in programs or "critic" in programs:
-      for name, compiled in plan_dmd(cfg, mesh, rules, teacher_cfg).items():
-        if name in programs:
-          plans.append(_plan(name, compiled))
+      wanted = [p for p in ("dmd", "critic") if p in programs]
+      for name, compiled in plan_dmd(cfg, mesh, rules, teacher_cfg, wanted).items():
+        plans.append(_plan(name, compiled))
   return plans, hbm_bytes(topology, devices), mesh
 
 

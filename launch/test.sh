@@ -11,4 +11,11 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 workers="${ASVD_TEST_WORKERS:-2}"
 par=()
 [ "$workers" != "0" ] && par=(-n "$workers" --dist loadfile --no-loadscope-reorder)
-exec python -m pytest -q ${par[@]+"${par[@]}"} "$@"
+# One XLA compilation cache for the whole run, shared by the workers and the `asvd` processes
+# the tests start (tests/conftest.py makes one per process when run without this script).
+if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  JAX_COMPILATION_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/asvd-test-xla-cache-XXXXXX")"
+  export JAX_COMPILATION_CACHE_DIR
+  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+fi
+python -m pytest -q ${par[@]+"${par[@]}"} "$@"

@@ -23,7 +23,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="asvd-test-xla-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+# Every program goes into it, not only those that took over a second to compile (JAX's default):
+# the tiny programs compile in less at -O0, yet the subprocesses rebuild dozens of them.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Full f32 matmuls for parity, here and in the subprocesses (whose programs are then the same as
+# this process's: in-process tests reuse what the `asvd train` runs compiled, through the cache).
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # libtpu (only describing TPU slices to compile for them, tests/test_aot.py, test_dit.py) takes a
 # machine-wide lock by default; the test workers and their subprocesses load it concurrently.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -33,11 +39,9 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 import jax  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")
-
-
 import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])  # jax may be imported already
 
 # launch/test.sh runs the files on pytest-xdist workers, a whole file per worker (`--dist
 # loadfile`: a file's compiled programs and module fixtures are built once, on one worker). The

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from train_helpers import ENV, TRAIN, assert_decreasing, lines, run_fixed_key
+from train_helpers import ENV, TRAIN, assert_decreasing, like_trainer, lines, run_fixed_key
 
 import asvd
 from asvd.train import steps as st
@@ -81,19 +81,31 @@ def test_tensorboard_scalars_and_sample_videos(trained):
   assert np.abs(preview(np.asarray(lat)[0]).astype(float) - gif).mean() < 0.5  # GIF palette
 
 
-def test_sigkill_and_rerun_reproduces_metrics_bit_exactly(trained, tmp_path):
-  """Killed mid causal init, rerun: the metrics of the default run's first two stages, bit for
-  bit (the teacher stage is skipped as done, causal init resumes from its last checkpoint; a
-  DMD stage after it would start fresh either way)."""
+def test_sigterm_sigkill_and_reruns_reproduce_metrics_bit_exactly(trained, tmp_path):
+  """The default run's first two stages, stopped by SIGTERM in the teacher stage (it saves where
+  it stopped and exits 143), rerun and killed by SIGKILL mid causal init, rerun to the end: the
+  metrics of the uninterrupted run, bit for bit (each resume restores the last checkpoint; a DMD
+  stage after them would start fresh either way)."""
   work = tmp_path / "run"
   two = [*TRAIN, "--workdir", str(work), "--config.train.stages=('teacher','causal_init')"]
+
+  def wait_for(ready):  # a wait, not a speed target (slow machines)
+    deadline = time.time() + 600
+    while time.time() < deadline and not ready():
+      time.sleep(0.1)
+
+  proc = subprocess.Popen(two, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+  wait_for(lambda: (work / "metrics.jsonl").is_file() and len(lines(work)) >= 3)  # training has begun
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143 and "stopped by SIGTERM at step" in err, err[-2000:]
+  stopped = json.loads(lines(work)[-1])
+  ck = work / stopped["stage"] / "checkpoints"
+  assert max(int(d) for d in os.listdir(ck) if d.isdigit()) == stopped["step"]  # saved where it stopped
+
   proc = subprocess.Popen(two, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
   ck = work / "causal_init" / "checkpoints"
-  deadline = time.time() + 600  # a wait, not a speed target (slow machines)
-  while time.time() < deadline:  # kill mid-stage, once a causal-init checkpoint is complete
-    if ck.is_dir() and any(d.isdigit() and int(d) >= 5 for d in os.listdir(ck)):
-      break
-    time.sleep(0.2)
+  wait_for(lambda: ck.is_dir() and any(d.isdigit() and int(d) >= 5 for d in os.listdir(ck)))  # a complete causal-init checkpoint
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
@@ -166,37 +178,15 @@ def test_bad_train_config_errors(tmp_path):
 
 
 def test_dmd_generator_and_critic_losses_decrease(tiny, trained):
-  """From the run's own teacher and causal init (random networks give DMD nothing to match)."""
+  """From the run's own teacher and causal init (random networks give DMD nothing to match),
+  with the trainer's optimizers and jitted steps: the run's programs (its compilation cache)."""
   cfg, lay, batch = tiny
   g, params = nnx.split(asvd.load_dit(trained / "causal_init" / "model"))
   _, teacher = nnx.split(asvd.load_dit(trained / "teacher" / "model"))
-  tx = st.optimizer(1e-3, cfg.train.optimizer)
-  state = st.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(0))
-  state = state.replace(critic=teacher, critic_opt=tx.init(teacher), ema=state.params)
-  gen, critic = st.dmd_steps(g, g, tx, tx, cfg, lay)
-  frozen = st.Frozen(teacher=teacher)
-  assert_decreasing(run_fixed_key(jax.jit(gen), state, 4, batch, frozen))
-  assert_decreasing(run_fixed_key(jax.jit(critic), state, 4, batch, frozen, name="critic_loss"))
-
-
-def test_sigterm_saves_and_resumes(trained, tmp_path):
-  work = tmp_path / "run"
-  proc = subprocess.Popen([*TRAIN, "--workdir", str(work), "--config.train.stages=('teacher',)"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-  deadline = time.time() + 600  # a wait, not a speed target
-  while time.time() < deadline:  # stop it once training has begun
-    if (work / "metrics.jsonl").is_file() and len(lines(work)) >= 3:
-      break
-    time.sleep(0.1)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  stopped = [json.loads(x)["step"] for x in lines(work)]
-  if proc.returncode == 0:  # it finished before the signal landed: nothing to resume
-    assert stopped[-1] == 20
-  else:
-    assert proc.returncode == 143 and "stopped by SIGTERM at step" in err, err[-2000:]
-    ck = work / "teacher" / "checkpoints"
-    assert max(int(d) for d in os.listdir(ck) if d.isdigit()) == stopped[-1]  # saved where it stopped
-  p = subprocess.run([*TRAIN, "--workdir", str(work), "--config.train.stages=('teacher',)"], capture_output=True, text=True, env=ENV)
-  assert p.returncode == 0, p.stderr[-2000:]
-  want = [x for x in lines(trained) if json.loads(x)["stage"] == "teacher"]
-  assert lines(work) == want
+  tx, critic_tx = trainer._optimizer(cfg, "dmd"), trainer._optimizer(cfg, "dmd", "critic")
+  critic = jax.tree.map(jnp.copy, teacher)
+  state = st.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), key=jax.random.PRNGKey(0), critic=critic, critic_opt=critic_tx.init(critic), ema=jax.tree.map(jnp.copy, params))
+  gen, critic_step = st.dmd_steps(g, g, tx, critic_tx, cfg, lay)
+  for fn, name in ((gen, "loss"), (critic_step, "critic_loss")):
+    step, s, frozen = like_trainer(fn, state, st.Frozen(teacher=teacher))
+    assert_decreasing(run_fixed_key(step, s, 4, batch, frozen, name=name))

@@ -152,10 +152,12 @@ def test_backward_memory_grows_by_about_one_cache_per_chunk(model, setup):
 
     return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
 
-  per_chunk = (temp_bytes(6) - temp_bytes(2)) / 4  # measured: exactly one cache (196,608 B)
+  six = temp_bytes(6)
+  per_chunk = (six - temp_bytes(2)) / 4  # measured: exactly one cache (196,608 B)
   assert per_chunk <= 1.5 * cache_bytes, (per_chunk, cache_bytes)
-  no_remat = (temp_bytes(6, False) - temp_bytes(2, False)) / 4  # measured: 3.7 MB per chunk
-  assert no_remat > 2 * per_chunk  # remat is what keeps it low
+  # Remat is what keeps it low: without it, 6 chunks hold far more than 4 more caches' worth
+  # (measured: about 3.7 MB per chunk, 20x the cache).
+  assert temp_bytes(6, False) > six + 4 * 4 * cache_bytes
 
 
 def test_sample_exit_step():

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from train_helpers import assert_decreasing, fresh, run_fixed_key
+from train_helpers import assert_decreasing, fresh, like_trainer, run_fixed_key
 
 import asvd
 from asvd.train import losses, trainer
@@ -17,9 +17,12 @@ from asvd.train import steps as st
 
 
 def test_teacher_and_causal_init_losses_decrease(tiny):
+  """(The teacher and ODE steps: the default run's programs, with its learning rates.)"""
   cfg, lay, batch = tiny
+  assert cfg.train.teacher.lr == cfg.train.causal_init.lr == 1e-3
   g, tx, state = fresh(cfg, 1e-3)
-  assert_decreasing(run_fixed_key(jax.jit(st.teacher_step(g, tx, cfg)), state, 4, batch))
+  step, state, frozen = like_trainer(st.teacher_step(g, tx, cfg), state, st.Frozen())
+  assert_decreasing(run_fixed_key(step, state, 4, batch, frozen))
   cfg_tf = cfg.copy_and_resolve_references()
   cfg_tf.train.causal_init.method = "teacher_forcing"
   g, tx, state = fresh(cfg_tf, 1e-3, seed=1)
@@ -28,8 +31,8 @@ def test_teacher_and_causal_init_losses_decrease(tiny):
   assert cfg.train.causal_init.method == "ode"
   g, tx, state = fresh(cfg, 1e-3, seed=1)
   _, teacher = nnx.split(asvd.init_dit(cfg.model, 7))
-  step = jax.jit(st.causal_init_step(g, tx, cfg, lay, g))
-  assert_decreasing(run_fixed_key(step, state, 4, batch, st.Frozen(teacher=teacher)))
+  step, state, frozen = like_trainer(st.causal_init_step(g, tx, cfg, lay, g), state, st.Frozen(teacher=teacher))
+  assert_decreasing(run_fixed_key(step, state, 4, batch, frozen))
 
 
 def test_ode_trajectory_is_the_teachers_euler_ode_recorded_at_the_student_sigmas(tiny):

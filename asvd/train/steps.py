@@ -314,9 +314,9 @@ def dmd_window_loss(frames, states, score_graphdef, critic_params, frozen: Froze
   wins, ends = dmd_windows(frames, states, lay, horizon, bool(cfg.train.state_dmd), vae)
   weights = losses.horizon_weights(ends, horizon, float(cfg.train.horizon_alpha))
   uncond = jnp.zeros_like(text)  # the empty / negative prompt of the synthetic data
-  total = 0.0
-  for i in range(wins.shape[0]):
-    x = wins[i]
+
+  def window(total, xs):  # a scan over windows: the program does not grow with their number
+    x, weight, i = xs
     b = x.shape[0]
     sigma = losses.shifted_sigma(jax.random.fold_in(k_sig, i), (b,), float(cfg.sampler.shift), float(dcfg.min_sigma), float(dcfg.max_sigma))
     x_t = losses.noised(jax.lax.stop_gradient(x), jax.random.normal(jax.random.fold_in(k_eps, i), x.shape), sigma)
@@ -325,8 +325,11 @@ def dmd_window_loss(frames, states, score_graphdef, critic_params, frozen: Froze
     unc = _x0(score_graphdef, frozen.teacher, x_t, sigma, uncond)
     real = cond + float(dcfg.cfg_scale) * (cond - unc)  # Self-Forcing's form: scale 3 == 4 in standard CFG
     g = losses.dmd_gradient(jax.lax.stop_gradient(x), jax.lax.stop_gradient(fake), jax.lax.stop_gradient(real))
-    total = total + weights[i] * losses.dmd_loss(x, g)
-  return total / wins.shape[0]
+    return total + weight * losses.dmd_loss(x, g).astype(jnp.float32), None
+
+  n = wins.shape[0]
+  total, _ = jax.lax.scan(window, jnp.zeros((), jnp.float32), (wins, weights, jnp.arange(n)))
+  return total / n
 
 
 def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layout, critic_graphdef=None, vae_graphdef=None):
@@ -399,8 +402,14 @@ def dmd_steps(gen_graphdef, score_graphdef, gen_tx, critic_tx, cfg, lay: tr.Layo
 
     def loss_fn(p):
       f = _flow_fn(critic_graphdef, p, frozen.critic)
-      per = [losses.flow_matching_loss(lambda xt, t: f(xt, t, text), wins[i], jax.random.fold_in(k_fm, i), float(cfg.sampler.shift)) for i in range(wins.shape[0])]
-      return sum(per) / len(per)
+
+      def window(total, xs):  # a scan over windows, as in `dmd_window_loss`
+        x, i = xs
+        return total + losses.flow_matching_loss(lambda xt, t: f(xt, t, text), x, jax.random.fold_in(k_fm, i), float(cfg.sampler.shift)), None
+
+      n = wins.shape[0]
+      total, _ = jax.lax.scan(window, jnp.zeros((), jnp.float32), (wins, jnp.arange(n)))
+      return total / n
 
     loss, grads = jax.value_and_grad(loss_fn)(state.critic)
     critic, critic_opt, m = _apply(critic_tx, grads, state.critic_opt, state.critic, "critic")
