@@ -49,13 +49,13 @@ jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL
 _LONGEST_FIRST = (
   "test_train.py",
   "test_t2v_e2e.py",
-  "test_train_anchors.py",
-  "test_dit.py",
   "test_transition.py",
+  "test_dit.py",
   "test_train_rollout.py",
   "test_multiprocess.py",
-  "test_train_steps.py",
+  "test_train_anchors.py",
   "test_sharding.py",
+  "test_train_steps.py",
   "test_aot.py",
 )
 

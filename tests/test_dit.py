@@ -153,19 +153,26 @@ def test_scanned_equals_looped(cfg):
   chex.assert_trees_all_close((ys, aux_s), (yl, aux_l), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "attn_out"])
-def test_remat_policies_same_grads(cfg, remat):
+def _param_grads(m, x, t, ctx):
+  g, p, rest = nnx.split(m, nnx.Param, ...)
+  loss = lambda p: jnp.mean(nnx.merge(g, p, rest)(x, t, ctx) ** 2)  # noqa: E731
+  return jax.jit(jax.grad(loss))(p)
+
+
+@pytest.fixture(scope="module")
+def no_remat(cfg):
+  """`(model, inputs, its parameter gradients)` without remat, computed once for the policies."""
   base = asvd.init_dit(cfg.model, 6)
+  inputs = _inputs(b=1, f=2, h=4, w=4)
+  return base, inputs, _param_grads(base, *inputs)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "attn_out"])
+def test_remat_policies_same_grads(cfg, no_remat, remat):
+  base, inputs, want = no_remat
   other_cfg = dit_lib.DiTConfig.from_config({**cfg.model.to_dict(), "remat": remat})
   other = dit_port.model_from_flat(other_cfg, dit_port.to_flat(base))
-  x, t, ctx = _inputs(b=1, f=2, h=4, w=4)
-
-  def grads(m):
-    g, p, rest = nnx.split(m, nnx.Param, ...)
-    loss = lambda p: jnp.mean(nnx.merge(g, p, rest)(x, t, ctx) ** 2)
-    return jax.jit(jax.grad(loss))(p)
-
-  chex.assert_trees_all_close(grads(base), grads(other), atol=1e-6, rtol=1e-4)
+  chex.assert_trees_all_close(want, _param_grads(other, *inputs), atol=1e-6, rtol=1e-4)
 
 
 MASKS = {
