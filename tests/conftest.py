@@ -82,6 +82,12 @@ def model(cfg):
 
 
 @pytest.fixture(scope="module")
+def context():
+  """A random text context `[2, 16, 32]` (the tiny model's text length and width)."""
+  return jax.random.normal(jax.random.key(1), (2, 16, 32))
+
+
+@pytest.fixture(scope="module")
 def tiny(cfg):
   """`(cfg, layout, batch)`: the tiny config, its training layout and a batch of 2 synthetic clips."""
   import jax.numpy as jnp  # noqa: PLC0415

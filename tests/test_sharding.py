@@ -10,22 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from rollout_helpers import rcfg
 
 import asvd
 from asvd import sharding as shard_lib
 from asvd import transition as tr
 from asvd.errors import UsageError
-
-
-@pytest.fixture(scope="module")
-def context():
-  return jax.random.normal(jax.random.key(1), (2, 16, 32))
-
-
-def rcfg(cfg, **kw):
-  c = cfg.rollout.copy_and_resolve_references()
-  c.update(kw)
-  return c
 
 
 def test_mesh_from_config():

@@ -6,22 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from rollout_helpers import rcfg
 
 import asvd
 from asvd import sharding as shard_lib
 from asvd import transition as tr
 from asvd.models import dit as dit_lib
-
-
-@pytest.fixture(scope="module")
-def context():
-  return jax.random.normal(jax.random.key(1), (2, 16, 32))
-
-
-def rcfg(cfg, **kw):
-  c = cfg.rollout.copy_and_resolve_references()
-  c.update(kw)
-  return c
 
 
 def noise_for(trans, batch=2, seed=0):
