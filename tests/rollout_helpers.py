@@ -1,4 +1,4 @@
-"""Helpers of the rollout tests (test_transition.py, test_sharding.py)."""
+"""Helpers of the rollout tests (test_transition.py, test_sharding.py, test_compile_and_carry.py)."""
 
 
 def rcfg(cfg, **kw):

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 from jax import monitoring
+from rollout_helpers import rcfg
 
 import asvd
 from asvd import transition as tr
@@ -43,9 +44,7 @@ def ctx():
 
 def cold(cfg, **kw):
   """A rollout config with a latent size no other test uses, so the program cache is cold."""
-  rc = cfg.rollout.copy_and_resolve_references()
-  rc.update(latent_hw=(8, 14), **kw)
-  return rc
+  return rcfg(cfg, latent_hw=(8, 14), **kw)
 
 
 def test_rollout_and_stream_compile_once_across_calls(cfg, ctx):

@@ -14,11 +14,10 @@ from asvd.train import rollout as trr
 
 
 @pytest.fixture(scope="module")
-def setup(cfg, model):
-  ctx = jax.random.normal(jax.random.key(1), (2, 16, 32))
+def setup(cfg, model, context):
   lay = tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler)
   graphdef, params = nnx.split(model)
-  return ctx, lay, graphdef, params
+  return context, lay, graphdef, params
 
 
 def loss_of(frames, states):

@@ -358,8 +358,8 @@ def test_bad_rollout_config_errors(model, context, cfg):
     asvd.rollout(model, context[..., :5], 0, num_chunks=1, config=rcfg(cfg))
 
 
-def test_rollout_on_2x4_mesh_matches_single_device(model, cfg):
-  ctx = jax.random.normal(jax.random.key(1), (2, 16, 32))
+def test_rollout_on_2x4_mesh_matches_single_device(model, cfg, context):
+  ctx = context
   rc = rcfg(cfg, scan_chunks=2)
   single, _ = asvd.rollout(model, ctx, 5, num_chunks=2, config=rc)
   mesh = shard_lib.make_mesh((2, 4), ("data", "model"))  # batch over data, rest replicated
@@ -427,8 +427,8 @@ def test_recache_on_switch_reencodes_window_only(model, context, cfg):
   assert bool(c_rc.valid.all())
 
 
-def test_make_transition_with_mesh_shardings(model, cfg):
-  ctx = jax.random.normal(jax.random.key(1), (2, 16, 32))
+def test_make_transition_with_mesh_shardings(model, cfg, context):
+  ctx = context
   s0, c0, single = asvd.make_transition(model, ctx, config=rcfg(cfg))
   mesh = shard_lib.make_mesh((2, 4), ("data", "model"))
   s1, c1, sharded = asvd.make_transition(model, ctx, config=rcfg(cfg), mesh=mesh)
