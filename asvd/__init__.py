@@ -39,6 +39,7 @@ _LAZY = {
   "AsvdError": "asvd.errors",
   "UsageError": "asvd.errors",
   "CheckpointError": "asvd.ckpt.common",
+  "OutOfMemoryError": "asvd.memory",
 }
 
 __all__ = sorted(_LAZY)

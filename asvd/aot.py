@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import sys
 from typing import Any
 
@@ -45,13 +46,21 @@ class Plan:
   outputs: int
   aliased: int
   flops: float
+  # The compiler's own refusal (a compile-time out-of-memory error on the target), else "".
+  # Then only the temporaries it reported are known (the rest are 0).
+  refused: str = ""
 
   @property
   def total(self) -> int:
     return self.arguments + self.temporaries + self.outputs - self.aliased
 
+  def fits(self, hbm: float | None) -> bool:
+    return not self.refused and (hbm is None or self.total <= hbm)
+
   def row(self, hbm: float | None) -> str:
     gib = 2.0**30
+    if self.refused:
+      return f"| {self.program} | — | ≥ {self.temporaries / gib:.2f} | — | — | ≥ {self.total / gib:.2f} | {'—' if hbm is None else f'{hbm / gib:.0f}'} | **no** (compiler) | — |"
     fits = "—" if hbm is None else ("yes" if self.total <= hbm else "**no**")
     return (
       f"| {self.program} | {self.arguments / gib:.2f} | {self.temporaries / gib:.2f} | {self.outputs / gib:.2f} | "
@@ -84,6 +93,26 @@ def hbm_bytes(topology: str | None, devices) -> float | None:
   return None
 
 
+# XLA's compile-time out-of-memory message: "... HLO temporaries (270.09G) exceeds available HBM".
+_OOM_TEMPS = re.compile(r"temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def _compile(name: str, lowered) -> Plan:
+  """Compiles `lowered`; a program the target's compiler refuses as too large becomes a Plan
+  that does not fit (with the temporaries the compiler reported), not an exception."""
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001  (jax raises JaxRuntimeError / XlaRuntimeError by version)
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
+      raise
+    m = _OOM_TEMPS.search(msg)
+    temps = float(m.group(1)) * 1024.0 ** "KMGT".index(m.group(2)) * 1024 if m else 0.0
+    line = next((x for x in msg.splitlines() if "memory" in x.lower()), msg.splitlines()[0])
+    return Plan(name, 0, int(temps), 0, 0, 0.0, refused=line.strip()[:300])
+  return _plan(name, compiled)
+
+
 def _plan(name: str, compiled) -> Plan:
   m = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -92,7 +121,7 @@ def _plan(name: str, compiled) -> Plan:
 
 
 def plan_transition(cfg, mesh, rules) -> Any:
-  """The compiled rollout transition (batch 1) on `mesh`."""
+  """The lowered rollout transition (batch 1) on `mesh`."""
   from asvd import transition as tr  # noqa: PLC0415
   from asvd.models import dit as dit_lib  # noqa: PLC0415
 
@@ -108,7 +137,7 @@ def plan_transition(cfg, mesh, rules) -> Any:
       return tr.transition_fn(nnx.merge(graphdef, params), lay, state, cache, noise)
 
   step = jax.jit(transition_step, in_shardings=(param_sh, state_sh, cache_sh, noise_sh), out_shardings=(state_sh, cache_sh, state_sh), donate_argnums=(1, 2))
-  return step.lower(params, state, cache, noise).compile()
+  return step.lower(params, state, cache, noise)
 
 
 def _abstract_train_state(model_cfg, tx):
@@ -122,7 +151,7 @@ def _abstract_train_state(model_cfg, tx):
 
 
 def plan_dmd(cfg, mesh, rules, teacher_cfg=None, names=("dmd", "critic")) -> dict[str, Any]:
-  """The compiled DMD generator (`dmd`) and/or critic step on `mesh`, as `names` asks
+  """The lowered DMD generator (`dmd`) and/or critic step on `mesh`, as `names` asks
   (`teacher_cfg`: another teacher)."""
   from asvd.train import steps as st  # noqa: PLC0415
   from asvd.train import trainer  # noqa: PLC0415
@@ -153,7 +182,7 @@ def plan_dmd(cfg, mesh, rules, teacher_cfg=None, names=("dmd", "critic")) -> dic
     if name not in names:
       continue  # (each is a long compile at real size)
     jitted = trainer._jit_step(fn, mesh, rules, state, frozen).program(batch)
-    out[name] = jitted.lower(state, batch, frozen).compile()
+    out[name] = jitted.lower(state, batch, frozen)
   return out
 
 
@@ -179,11 +208,11 @@ def plan(cfg, *, topology: str | None = None, programs=PROGRAMS, teacher_cfg=Non
   platform = "tpu" if topology else None
   with attn_lib.auto_platform(platform) if platform else contextlib.nullcontext():
     if "transition" in programs:
-      plans.append(_plan("transition", plan_transition(cfg, mesh, rules)))
+      plans.append(_compile("transition", plan_transition(cfg, mesh, rules)))
     if "dmd" in programs or "critic" in programs:
       wanted = [p for p in ("dmd", "critic") if p in programs]
-      for name, compiled in plan_dmd(cfg, mesh, rules, teacher_cfg, wanted).items():
-        plans.append(_plan(name, compiled))
+      for name, lowered in plan_dmd(cfg, mesh, rules, teacher_cfg, wanted).items():
+        plans.append(_compile(name, lowered))
   return plans, hbm_bytes(topology, devices), mesh
 
 
@@ -194,7 +223,10 @@ def report(plans: list[Plan], hbm: float | None, mesh, topology: str | None, fil
   print(HEADER, file=file)
   for p in plans:
     print(p.row(hbm), file=file)
-  return hbm is None or all(p.total <= hbm for p in plans)
+  for p in plans:
+    if p.refused:
+      print(f"{p.program}: the compiler refused it: {p.refused}", file=file)
+  return all(p.fits(hbm) for p in plans)
 
 
 __all__ = ["plan", "report", "Plan", "HBM_GIB", "PROGRAMS", "topology_devices"]

@@ -37,6 +37,8 @@ def cmd_aot(args, overrides) -> None:
     with open(args.json, "w") as f:
       json.dump(rec, f, indent=2)
   if not fits:
-    worst = max(plans, key=lambda p: p.total)
-    print(f"asvd aot: {worst.program} needs {worst.total / 2**30:.2f} GiB per device, more than the {hbm / 2**30:.0f} GiB there; shard more (--config.mesh.fsdp=..., tensor=...) or use a bigger slice", file=sys.stderr)
+    worst = max(plans, key=lambda p: (bool(p.refused), p.total))
+    at_least = "at least " if worst.refused else ""
+    there = f"the {hbm / 2**30:.0f} GiB there" if hbm else "what the device has"
+    print(f"asvd aot: {worst.program} needs {at_least}{worst.total / 2**30:.2f} GiB per device, more than {there}; shard more (--config.mesh.fsdp=..., tensor=..., context=...), use a bigger slice, or smaller activations (train.batch_size, train.dmd.replay=True)", file=sys.stderr)
     sys.exit(1)

@@ -44,6 +44,9 @@ def add_commands(sub) -> None:
   g.add_argument("--vae", default=None, help="decoder for video.mp4 when generating from a DiT alone: a Wan VAE (file or folder) or TAEHV (taew2_1.pth)")
   g.add_argument("--decoder", choices=["wan", "taehv"], default="wan", help="with --weights: the Wan VAE, or TAEHV (taew2_1.pth in the weights folder; fast)")
   g.add_argument("--fps", type=_int_at_least(1, 240), default=None, help="mp4 frame rate (default config.pipeline.fps = 16)")
+  from asvd import distributed  # noqa: PLC0415
+
+  distributed.add_flags(g)
   g.set_defaults(func=cmd_generate)
 
   d = sub.add_parser("decode", help="latents.npy -> video.mp4 with a Wan VAE, or a quick preview without one")
@@ -89,6 +92,9 @@ def _load_config(spec, overrides):
   from asvd.pipeline import decode_cache_dtype  # noqa: PLC0415
 
   decode_cache_dtype(cfg)  # a bad value stops here, before any weights load
+  from asvd import memory  # noqa: PLC0415
+
+  memory.setting(cfg)
   _runtime(cfg)
   return cfg
 
@@ -161,7 +167,6 @@ def _setup(args, overrides, outputs):
   """Validates everything cheap before any compile; returns (config, output dir, model, context)."""
   from asvd import transition as tr  # noqa: PLC0415
   from asvd.models.dit import DiTConfig  # noqa: PLC0415
-  from asvd.outputs import OutputDir  # noqa: PLC0415
 
   if args.config is None:
     raise UsageError("give --config configs/X.py (or --weights DIR --prompt ...)")
@@ -171,23 +176,46 @@ def _setup(args, overrides, outputs):
   _check_inputs(args)
   _check_model_config(cfg, overrides, args.checkpoint)
   tr.make_layout(cfg.rollout, DiTConfig.from_config(cfg.model), None, cfg.sampler)  # config errors now
-  out = OutputDir(args.out, outputs)
+  out = _connect_and_open(args, outputs)
   model = _load_dit(cfg, args.checkpoint, args.seed)
   tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler)  # the checkpoint's patch size / RoPE
   return cfg, out, model, _context(args, cfg, model.cfg.text_dim, model.cfg.text_len)
 
 
+def _connect_and_open(args, outputs):
+  """Joins the other processes of a multi-process run (`--coordinator ...`, TPU pods, SLURM:
+  asvd.distributed; after every check, before any JAX work) and opens the output folder, on
+  process 0 only: the others compute their shards and write nothing. Returns the OutputDir, or
+  None on the other processes."""
+  from asvd import distributed  # noqa: PLC0415
+  from asvd.outputs import OutputDir  # noqa: PLC0415
+
+  if hasattr(args, "distributed"):  # (`eval attention` has no multi-process flags)
+    how = distributed.from_args(args)
+    if how != "single process":
+      import jax  # noqa: PLC0415
+
+      print(f"[asvd] process {jax.process_index()} of {jax.process_count()} ({how}), {jax.device_count()} devices in all", file=sys.stderr)
+  return OutputDir(args.out, outputs) if distributed.is_lead() else None
+
+
 class _Progress:
-  """Compilation reported apart, then a tqdm bar whose rate and ETA count generation only."""
+  """Compilation reported apart, then a tqdm bar whose rate and ETA count generation only
+  (silent on every process but 0)."""
 
   def __init__(self, total: int, desc: str, unit_frames: int):
+    from asvd import distributed  # noqa: PLC0415
+
     self.total, self.desc, self.unit_frames = total, desc, unit_frames
-    self.bar, self.t0 = None, time.perf_counter()
-    print("[asvd] compiling the transition and generating chunk 1 ...", file=sys.stderr, flush=True)
+    self.bar, self.t0, self.quiet = None, time.perf_counter(), not distributed.is_lead()
+    if not self.quiet:
+      print("[asvd] compiling the transition and generating chunk 1 ...", file=sys.stderr, flush=True)
 
   def tick(self) -> None:
     from tqdm import tqdm  # noqa: PLC0415
 
+    if self.quiet:
+      return
     now = time.perf_counter()
     if self.bar is None:
       print(f"[asvd] compiled + chunk 1 in {now - self.t0:.1f} s", file=sys.stderr, flush=True)
@@ -212,7 +240,6 @@ def cmd_t2v(args, overrides) -> None:
   """`--weights`: prompt -> umT5 -> streaming transition -> streaming VAE -> mp4."""
   from asvd import pipeline, video  # noqa: PLC0415
   from asvd.models.vae import VAEConfig  # noqa: PLC0415
-  from asvd.outputs import OutputDir  # noqa: PLC0415
 
   if not args.prompt:
     raise UsageError("--weights needs --prompt")
@@ -228,16 +255,16 @@ def cmd_t2v(args, overrides) -> None:
     s = VAEConfig.from_any(pipeline.plain_config(cfg.pipeline.get("vae")) or VAEConfig()).spatial_factor
     hw = (cfg.rollout.latent_hw[0] * s, cfg.rollout.latent_hw[1] * s)
     condition = pipeline.read_condition(cond_path, hw)
-  out = OutputDir(args.out, ["video.mp4", "generate.json"])
+  out = _connect_and_open(args, ["video.mp4", "generate.json"])
   pipe = pipeline.T2V.from_weights(args.weights, config=cfg, checkpoint=args.checkpoint, decoder=args.decoder)
   prog = _Progress(args.chunks + (1 if condition is not None else 0), "t2v", int(cfg.rollout.chunk_frames))
+  frames = pipe.generate(args.prompt, chunks=args.chunks, seed=args.seed, condition=condition)
   try:
-    n = video.write_mp4(
-      pipe.generate(args.prompt, chunks=args.chunks, seed=args.seed, condition=condition),
-      out.path("video.mp4"),
-      fps=args.fps or int(cfg.pipeline.fps),
-      on_chunk=lambda _: prog.tick(),
-    )
+    if out is None:  # another process of a multi-process run: its part of each chunk, no file
+      for _ in frames:
+        pass
+      return
+    n = video.write_mp4(frames, out.path("video.mp4"), fps=args.fps or int(cfg.pipeline.fps), on_chunk=lambda _: prog.tick())
   finally:
     prog.close()
   out.write_json("generate.json", {"prompt": args.prompt, "weights": args.weights, "checkpoint": args.checkpoint, "config": args.config, "overrides": overrides, "seed": args.seed, "frames": n, "decoder": args.decoder})
@@ -247,7 +274,7 @@ def cmd_t2v(args, overrides) -> None:
 def cmd_generate(args, overrides) -> None:
 
   import asvd  # noqa: PLC0415
-  from asvd import pipeline, video  # noqa: PLC0415
+  from asvd import distributed, memory, pipeline, video  # noqa: PLC0415
   from asvd import sharding as shard_lib  # noqa: PLC0415
 
   if args.weights:
@@ -258,7 +285,7 @@ def cmd_generate(args, overrides) -> None:
   cfg, out, model, context = _setup(args, overrides, ["latents.npy", "generate.json", mp4])
   fps = args.fps or int(cfg.pipeline.fps)
   vae = None
-  if args.vae:
+  if args.vae and out is not None:  # (only process 0 decodes and writes)
     vae = pipeline.load_decoder(args.vae, config=cfg)
   f = int(cfg.rollout.chunk_frames)
   chunks = []
@@ -266,13 +293,18 @@ def cmd_generate(args, overrides) -> None:
 
   def generated():
     mesh, rules = shard_lib.from_config(cfg)
-    for lat in asvd.stream(model, context, args.seed, config=cfg.rollout, sampler_config=cfg.sampler, num_chunks=args.chunks, mesh=mesh, rules=rules):
-      lat = np.asarray(lat)
+    check = memory.setting(cfg)
+    for lat in asvd.stream(model, context, args.seed, config=cfg.rollout, sampler_config=cfg.sampler, num_chunks=args.chunks, mesh=mesh, rules=rules, memory_check=check):
+      lat = distributed.to_host(lat)  # the whole chunk (gathered from every process's shards)
       chunks.append(lat)
       yield lat
       prog.tick()
 
   try:
+    if out is None:  # another process of a multi-process run: its shards of each chunk, no file
+      for _ in generated():
+        pass
+      return
     if vae is not None:
       video.write_mp4(pipeline.decode_stream(vae, generated(), cache_dtype=pipeline.decode_cache_dtype(cfg)), out.path(mp4), fps=fps)
     else:
@@ -332,10 +364,11 @@ def cmd_decode(args, overrides) -> None:
 def cmd_eval_attention(args, overrides) -> None:
   import jax  # noqa: PLC0415
 
+  from asvd import memory  # noqa: PLC0415
   from asvd.eval import attention  # noqa: PLC0415
 
   cfg, out, model, context = _setup(args, overrides, ["attention_share.png", "attention_share.json"])
-  _, groups = attention.attention_shares(model, context, jax.random.key(args.seed), num_chunks=args.chunks, config=cfg.rollout, sampler_config=cfg.sampler)
+  _, groups = attention.attention_shares(model, context, jax.random.key(args.seed), num_chunks=args.chunks, config=cfg.rollout, sampler_config=cfg.sampler, memory_check=memory.setting(cfg))
   title = f"{cfg.name}: anchor={cfg.rollout.anchor}" + (" (random weights)" if args.init == "random" else "")
   png = attention.plot_attention_shares(groups, out.path("attention_share.png"), title)
   out.write_json("attention_share.json", {k: np.asarray(v).tolist() for k, v in groups.items()})

@@ -149,8 +149,11 @@ def base_config() -> ml_collections.ConfigDict:
   # to mesh axes on top of asvd.sharding.DEFAULT_RULES (set it in a config file).
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, context=1, tensor=1, rules={}))
   # Runtime: a persistent XLA compilation cache folder ("" = off) so that a second `asvd`
-  # process reuses compiled programs instead of compiling again.
-  c.runtime = ml_collections.ConfigDict(dict(compilation_cache_dir=""))
+  # process reuses compiled programs instead of compiling again. memory_check: each program is
+  # compiled before it first runs and checked against the free device / host memory (asvd.memory;
+  # one clear error instead of an out-of-memory kill); memory_limit_gib > 0 counts at most that
+  # much as free (headroom on a shared machine).
+  c.runtime = ml_collections.ConfigDict(dict(compilation_cache_dir="", memory_check=True, memory_limit_gib=0.0))
   c.seed = 0
   return c
 

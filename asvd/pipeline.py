@@ -178,10 +178,15 @@ class T2V:
         raise ValueError(f"condition encodes to latents {tuple(lat.shape[2:4])}, config rollout.latent_hw={tuple(rc.latent_hw)}")
       carry = asvd.prefill(self.dit, ctx, lat, config=rc, sampler_config=self.config.sampler)
       head = [lat]  # decoded first, so the decoder's causal cache continues from the given frames
+    from asvd import memory  # noqa: PLC0415
     from asvd import sharding as shard_lib  # noqa: PLC0415
 
     mesh, rules = shard_lib.from_config(self.config)
-    generated = asvd.stream(self.dit, ctx, seed, config=rc, sampler_config=self.config.sampler, num_chunks=chunks, carry=carry, mesh=mesh, rules=rules)
+    generated = asvd.stream(self.dit, ctx, seed, config=rc, sampler_config=self.config.sampler, num_chunks=chunks, carry=carry, mesh=mesh, rules=rules, memory_check=memory.setting(self.config))
+    if jax.process_count() > 1:  # chunks sharded across processes: each decodes the whole chunk
+      from asvd import distributed  # noqa: PLC0415
+
+      generated = (distributed.to_host(lat) for lat in generated)
     yield from decode_stream(self.decoder, itertools.chain(head, generated), cache_dtype=decode_cache_dtype(self.config))
 
 

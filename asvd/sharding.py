@@ -232,12 +232,30 @@ def place_batch(batch, mesh: Mesh, rules: Mapping | None = None):
   return jax.tree.map(one, batch)
 
 
+def put(tree, shardings):
+  """`jax.device_put(tree, shardings)` that also works across processes: an array held whole by
+  this process (e.g. a checkpoint loaded on every process, committed to its first device) goes
+  to shards spanning other processes through the host, each process placing its own shards (a
+  device-to-device copy would need a cross-host transfer). Every process must hold the same
+  values, as after loading the same checkpoint."""
+
+  def one(sh, sub):  # `shardings` is a prefix of `tree` (one sharding per nnx Variable)
+    def leaf(x):
+      if isinstance(x, jax.Array) and x.is_fully_addressable and not sh.is_fully_addressable:
+        return jax.device_put(np.asarray(x), sh)
+      return jax.device_put(x, sh)
+
+    return jax.tree.map(leaf, sub)
+
+  return jax.tree.map(one, shardings, tree)
+
+
 def place_params(state, mesh: Mesh, rules: Mapping | None = None):
   """`state` (an `nnx.State` of parameters) on its shards, checked by `check_sharded`.
 
   Arrays already in place are not copied (`jax.device_put` to the same sharding is free), so
   after `shard_model` this costs nothing; otherwise each call moves the parameters."""
-  placed = jax.device_put(state, param_shardings(state, mesh, rules))
+  placed = put(state, param_shardings(state, mesh, rules))
   check_sharded(placed, mesh, rules)
   return placed
 
@@ -249,7 +267,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None) -> 
   `stream` or `make_transition` with the same mesh, so no call moves parameters again.
   """
   state = nnx.state(model)
-  nnx.update(model, jax.device_put(state, param_shardings(state, mesh, rules)))
+  nnx.update(model, put(state, param_shardings(state, mesh, rules)))
   return model
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from asvd import memory
 from asvd import sharding as shard_lib
 from asvd import transition as tr
 from asvd.errors import UsageError
@@ -93,6 +94,18 @@ class _Program:
     self.seg = jax.jit(rollout_segment, donate_argnums=(1,), **kw)
     self.one = jax.jit(transition_chunk, donate_argnums=(1,), **kw_one)
     self.recache = jax.jit(lambda params, cache, text: tr.recache(nnx.merge(graphdef, params), lay, cache, text))
+    self._fits = set()  # programs whose memory pre-flight passed
+
+  def preflight(self, name: str, setting, *args) -> None:
+    """Compiles `self.<name>` for `args` (the executable its calls then use: no second compile)
+    and stops with `asvd.OutOfMemoryError` if it cannot fit in the free memory
+    (`setting`: see `asvd.memory.check`). Once per program."""
+    if setting is False or name in self._fits:
+      return
+    compiled = getattr(self, name).lower(*args).compile()
+    hint = "use model.dtype=bfloat16, a smaller rollout.latent_hw or rollout.batch_size, or a mesh over more devices (config.mesh)"
+    memory.check(compiled, "the rollout transition", setting=setting, hint=hint)
+    self._fits.add(name)
 
   def switch(self, params, carry, text):
     """A prompt switch: new text K/V (and, if configured, the window re-encoded under it)."""
@@ -187,6 +200,7 @@ def rollout(
   start_chunk: int = 0,
   mesh=None,
   rules=None,
+  memory_check: bool | float = True,
 ):
   """Generates `num_chunks` chunks with a `jax.lax.scan` of the transition.
 
@@ -209,6 +223,9 @@ def rollout(
       copies them), the carry is sharded by its logical axes (batch over `data`/`fsdp`, heads
       over `tensor`), and the residual stream is pinned inside the program.
     rules: logical-to-mesh rules (default `asvd.sharding.DEFAULT_RULES`).
+    memory_check: before the first chunk, the program is compiled and checked against the
+      free memory (`asvd.memory`): True, a cap in GiB, or False (no check). A program that
+      cannot fit raises `asvd.OutOfMemoryError` instead of running out mid-way.
 
   Returns:
     `(latents [B, num_chunks*F, H, W, C], final_carry)` and, when `config.probe` is set, a third
@@ -217,6 +234,7 @@ def rollout(
   """
   if num_chunks < 1:
     raise UsageError(f"num_chunks={num_chunks} must be >= 1")
+  memory_check = memory.check_setting(memory_check)
   context = _check_context(model, context)
   segment = int(config.get("scan_chunks", 8))
   if segment < 1:
@@ -233,6 +251,7 @@ def rollout(
       carry = prog.switch(params, carry, switches[c])
     nxt = min([s for s in switches if s > c] + [end])
     live = min(segment, nxt - c)
+    prog.preflight("seg", memory_check, params, carry, key, np.int32(c), np.int32(live))
     carry, ys = prog.seg(params, carry, key, np.int32(c), np.int32(live))  # host scalars
     # Static slices (`x[:live]` would send an index array from the default device).
     frames.append(jax.lax.slice_in_dim(ys[0], 0, live))
@@ -260,6 +279,7 @@ def stream(
   start_chunk: int = 0,
   mesh=None,
   rules=None,
+  memory_check: bool | float = True,
 ) -> Stream:
   """Yields each chunk's latents `[B, F, H, W, C]` for as long as the caller iterates.
 
@@ -269,21 +289,24 @@ def stream(
   before the first chunk. The returned iterator's `.carry` is the `(state, cache)` after the
   chunks drawn so far (a copy of your own), and `.next_chunk` the index of the next one, so a
   stream can be resumed with `stream(..., carry=s.carry, start_chunk=s.next_chunk)`.
-  `mesh`/`rules` shard as in `rollout`.
+  `mesh`/`rules` shard as in `rollout`; `memory_check` checks the program against the free
+  memory as in `rollout` (when the first chunk is drawn, before it runs).
   """
+  memory_check = memory.check_setting(memory_check)
   context = _check_context(model, context)
   prog, params, init = _program(model, context, config, sampler_config, latent_hw, 1, mesh, rules)
   tr.check_absolute(prog.lay, start_chunk, num_chunks)
   switches = _switch_schedule(model, prompts, None, prog)
   carry = init if carry is None else _own(carry, prog)
-  return Stream(prog, params, carry, switches, _key(key, mesh), start_chunk, num_chunks)
+  return Stream(prog, params, carry, switches, _key(key, mesh), start_chunk, num_chunks, memory_check)
 
 
 class Stream(Iterator[jax.Array]):
   """The iterator `stream` returns: one transition per `next()`."""
 
-  def __init__(self, prog, params, carry, switches, key, start_chunk, num_chunks):
+  def __init__(self, prog, params, carry, switches, key, start_chunk, num_chunks, memory_check=True):
     self._prog, self._params, self._carry = prog, params, carry
+    self._memory_check = memory_check
     self._switches, self._key = switches, key
     self.next_chunk = start_chunk
     self._end = None if num_chunks is None else start_chunk + num_chunks
@@ -300,6 +323,7 @@ class Stream(Iterator[jax.Array]):
     tr.check_absolute(self._prog.lay, c, 1)  # an endless stream of the absolute preset stops here
     if c in self._switches:
       self._carry = self._prog.switch(self._params, self._carry, self._switches[c])
+    self._prog.preflight("one", self._memory_check, self._params, self._carry, self._key, np.int32(c))
     self._carry, ys = self._prog.one(self._params, self._carry, self._key, np.int32(c))
     self.next_chunk = c + 1
     return ys[0]

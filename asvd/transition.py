@@ -493,10 +493,10 @@ def empty_carry(model: WanDiT, text, lay: Layout):
 
 
 def home_device(model: WanDiT):
-  """The device of the model's parameters (the first device when they are spread or unplaced)."""
+  """The device of the model's parameters (this process's first device when they are spread or unplaced)."""
   leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
   devices = getattr(leaf, "devices", lambda: set())()
-  return next(iter(devices)) if len(devices) == 1 else jax.devices()[0]
+  return next(iter(devices)) if len(devices) == 1 else jax.local_devices()[0]
 
 
 def text_kv(model: WanDiT, context):

@@ -21,8 +21,8 @@ def test_import_does_not_load_torch():
 
 
 def test_load_config_with_arg_and_overrides():
-  c = asvd.load_config("configs/wan_t2v_1_3b.py:f32", ["--config.rollout.anchor=sink", "config.model.remat=full"])
-  assert c.model.dtype == "float32" and c.rollout.anchor == "sink" and c.model.remat == "full"
+  c = asvd.load_config("configs/wan_t2v_1_3b.py:f32", ["--config.rollout.anchor=sink", "config.model.remat=dots"])
+  assert c.model.dtype == "float32" and c.rollout.anchor == "sink" and c.model.remat == "dots"
   c = asvd.load_config("configs/wan_t2v_1_3b.py")
   assert c.model.dtype == "bfloat16"
   import pytest

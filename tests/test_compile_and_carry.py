@@ -65,6 +65,18 @@ def test_rollout_and_stream_compile_once_across_calls(cfg, ctx):
   assert n == {}, n
 
 
+def test_memory_preflight_compiles_the_program_that_runs(cfg, ctx):
+  """The pre-flight compiles the rollout's program ahead of its first call (asvd.memory); when
+  it stops a rollout nothing runs, and the next call runs that very executable."""
+  model = asvd.init_dit(cfg.model, 15)
+  rc = cold(cfg, anchor="ema")
+  with compiles() as n:
+    with pytest.raises(asvd.OutOfMemoryError, match="the rollout transition needs"):
+      asvd.rollout(model, ctx, 0, num_chunks=2, config=rc, memory_check=1e-4)
+    jax.block_until_ready(asvd.rollout(model, ctx, 0, num_chunks=2, config=rc))
+  assert n == {"rollout_segment": 1}, n  # (prompt_kv for this shape: compiled above)
+
+
 def test_make_transition_compiles_once_across_calls(cfg, ctx):
   model = asvd.init_dit(cfg.model, 13)
   rc = cold(cfg, anchor="sink")

@@ -1,7 +1,7 @@
 """A real 2-process run on localhost (`jax.distributed`, coordinator on 127.0.0.1, 2 CPU devices
 per process): sharded train steps on a data x fsdp mesh spanning both processes, Orbax
-checkpoints saved and restored, sharded rollouts for the sample videos, and only process 0
-writing. (Sharded steps equal single-device ones in tests/test_sharding.py; the data pipeline's
+checkpoints saved and restored, sharded rollouts for the sample videos, `asvd generate` from the
+trained model on both processes, and only process 0 writing. (Sharded steps equal single-device ones in tests/test_sharding.py; the data pipeline's
 global batch is the same for any number of processes in tests/test_train.py.)"""
 
 import json
@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+from tolerances import DIT, rel_err
 
 import asvd
 
@@ -82,3 +83,16 @@ def test_two_process_training_checkpoints_and_resumes(tmp_path):
   assert (stage / "samples" / "step_000002.mp4").is_file() and "3" in os.listdir(stage / "checkpoints")
   model = asvd.load_dit(str(stage / "model"))  # the final model, gathered from both processes
   assert model.cfg.dim == 64 and np.isfinite(np.asarray(model.head.kernel[...])).all()
+
+  # `asvd generate` from it on both processes (batch 4 split over data x fsdp): process 0
+  # writes the whole batch, the same latents as one process's rollout.
+  ctx = np.random.default_rng(1).standard_normal((4, 16, 32)).astype(np.float32)
+  np.save(tmp_path / "ctx.npy", ctx)
+  gen = ["bash", "launch/local_multiprocess.sh", "generate", "--config", "configs/tiny.py", "--checkpoint", str(stage / "model"), "--context", str(tmp_path / "ctx.npy"), "--chunks", "2", "--seed", "3", "--out", str(tmp_path / "gen"), "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.rollout.batch_size=4"]
+  p = subprocess.run(gen, capture_output=True, text=True, env=env, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "wrote" in p.stdout and "wrote" not in (logs / "process_1.log").read_text()
+  assert sorted(os.listdir(tmp_path / "gen")) == [".asvd_outputs", "generate.json", "latents.npy", "preview.mp4"]
+  cfg = asvd.load_config("configs/tiny.py")
+  want, _ = asvd.rollout(model, ctx, 3, num_chunks=2, config=cfg.rollout, sampler_config=cfg.sampler)
+  assert rel_err(np.load(tmp_path / "gen" / "latents.npy"), want) <= DIT

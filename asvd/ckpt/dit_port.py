@@ -500,14 +500,14 @@ def load_dit(
 
 
 def commit(model: WanDiT, device=None) -> WanDiT:
-  """Places every parameter on `device` (default: the first) as a committed array.
+  """Places every parameter on `device` (default: this process's first) as a committed array.
 
   Whatever the checkpoint format, the loaded model then has one placement, so a jitted
   transition compiles once for it (Orbax restores committed arrays, `jnp.asarray` makes
   uncommitted ones; mixing the two made the first call compile twice).
   """
   graphdef, state = nnx.split(model)
-  state = jax.device_put(state, device or jax.devices()[0])
+  state = jax.device_put(state, device or jax.local_devices()[0])
   return nnx.merge(graphdef, state)
 
 
@@ -592,8 +592,15 @@ def _load_asvd(path: str, overrides: dict) -> WanDiT:
   abstract = abstract_model(stored)
   graphdef, state = nnx.split(abstract)
   target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  # Each process reads the whole checkpoint by itself (as `save_dit` writes it): no barrier with
+  # the others, every array on this process's first device (a multi-process run shards later).
+  me = jax.process_index()
+  if jax.process_count() > 1:
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), target)
+  ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
   try:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+    restored = ckptr.restore(os.path.join(path, "params"), target)
   except Exception as e:  # noqa: BLE001  (orbax raises many types; name the file)
     raise CheckpointError(f"{path}: Orbax restore failed: {e}") from e
   nnx.replace_by_pure_dict(state, restored)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from asvd import distributed
+from asvd import distributed, memory
 from asvd import sharding as shard_lib
 from asvd import transition as tr
 from asvd.ckpt.common import CheckpointError
@@ -62,6 +62,7 @@ class NonFiniteError(UsageError):
 
 def check_config(cfg) -> None:
   t = cfg.train
+  memory.setting(cfg)  # runtime.memory_check / memory_limit_gib
   bad = [s for s in t.stages if s not in STAGES]
   if bad or not t.stages:
     raise UsageError(f"train.stages={tuple(t.stages)}: choose from {STAGES}, in order")
@@ -366,6 +367,8 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
       gen_jit, critic_jit = jit(gen_step), jit(critic_step)
       ratio = int(t.dmd.critic_per_generator)
 
+    jits = {"step": one} if stage != "dmd" else {"generator step": gen_jit, "critic step": critic_jit}
+
     def step_fn(state, batch):
       if stage != "dmd":
         return one(state, batch, frozen)
@@ -385,6 +388,9 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
     try:
       while step < total:
         batch = jax.tree.map(jnp.asarray, next(it)) if mesh is None else shard_lib.place_batch(next(it), mesh, rules)
+        if jits:  # before the first step: compiled (once) and checked against the free memory
+          _preflight(stage, jits, state, batch, frozen, cfg)
+          jits = None
         state, metrics = step_fn(state, batch)
         step += 1
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -459,9 +465,22 @@ class _Sampler:
       c = self.cfg
       model = merge_lora(merge(self.graphdef, params, self.gen_frozen))
       lat, _ = asvd.rollout(
-        model, self.text, self.key, num_chunks=int(c.train.sample_chunks), config=c.rollout, sampler_config=c.sampler, latent_hw=self.lay.latent_hw, mesh=self.mesh, rules=self.rules
+        model, self.text, self.key, num_chunks=int(c.train.sample_chunks), config=c.rollout, sampler_config=c.sampler, latent_hw=self.lay.latent_hw, mesh=self.mesh, rules=self.rules,
+        memory_check=memory.setting(c),
       )
     return preview(distributed.to_host(lat)[0])
+
+
+def _preflight(stage, jits, state, batch, frozen, cfg):
+  """Compiles each jitted step for this state and batch (the executables the steps then use)
+  and stops with `asvd.OutOfMemoryError` when one cannot fit in the free memory."""
+  setting = memory.setting(cfg)
+  if setting is False:
+    return
+  hint = "use a smaller train.batch_size, train.dmd.replay=True, model.dtype=bfloat16, LoRA (train.lora.rank) or a mesh over more devices (config.mesh; `asvd aot` plans TPU slices)"
+  for name, jitted in jits.items():
+    compiled = jitted.program(batch).lower(state, batch, frozen).compile()
+    memory.check(compiled, f"{stage}: the {name}", setting=setting, hint=hint)
 
 
 def _jit_step(fn, mesh, rules, state, frozen):

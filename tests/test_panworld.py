@@ -1,0 +1,91 @@
+"""PanWorld (asvd/data/panworld.py): procedural pans whose true motion is known. The world is
+deterministic and endless, the caption grammar round-trips, the measured scene motion of every
+frame pair is the caption's (a planted sign or speed error fails), and the TFDS builder stores
+what the renderer draws."""
+
+import numpy as np
+import pytest
+
+from asvd.data import panworld as pw
+
+
+def test_world_is_deterministic_endless_and_windowed():
+  spec = pw.ClipSpec("left", "quickly", "a snowy forest", "red", "ball", seed=7, start=(12, -40))
+  whole = pw.render_clip(spec, 9, 24, 32)
+  assert whole.shape == (9, 24, 32, 3) and whole.dtype == np.uint8
+  np.testing.assert_array_equal(whole, pw.render_clip(spec, 9, 24, 32))
+  np.testing.assert_array_equal(whole[5:], pw.render_clip(spec, 4, 24, 32, first=5))  # any window of the clip
+  far = pw.render_clip(pw.ClipSpec("left", "quickly", "a snowy forest", seed=7, start=(10**7, -(10**7))), 1, 24, 32)[0]
+  assert far.std() > 20 and np.abs(far.astype(int) - whole[0].astype(int)).mean() > 20  # new content everywhere
+  other = pw.render_clip(pw.ClipSpec("left", "quickly", "a snowy forest", seed=8, start=(12, -40)), 1, 24, 32)[0]
+  assert np.abs(other.astype(int) - whole[0].astype(int)).mean() > 20  # another world seed, another world
+  # Each biome has its own colours.
+  means = [pw.render_clip(pw.ClipSpec("up", "slowly", b, seed=1), 1, 32, 32)[0].reshape(-1, 3).mean(0) for b in pw.BIOMES]
+  assert min(np.abs(a - b).max() for i, a in enumerate(means) for b in means[i + 1 :]) > 25
+
+
+def test_caption_grammar_round_trips_and_names_bad_words():
+  caps = pw.all_captions()
+  assert len(caps) == len(set(caps)) == len(pw.DIRECTIONS) * len(pw.SPEEDS) * len(pw.BIOMES) * (1 + len(pw.COLORS) * len(pw.OBJECTS))
+  for c in caps:
+    assert pw.parse_caption(c).caption == c
+  assert pw.parse_caption("Camera pans left quickly over a snowy forest, a red ball bounces").velocity() == (0, -2)
+  for bad, word in (
+    ("camera pans sideways slowly over a snowy forest", "'sideways'"),
+    ("camera pans left slowly over a purple swamp", "'a purple swamp'"),
+    ("camera pans left slowly over a green meadow, a red ball flies", "ball bounces"),
+    ("a cat surfing", "not of the form"),
+  ):
+    with pytest.raises(ValueError, match=word):
+      pw.parse_caption(bad)
+
+
+def test_measured_motion_is_the_captions_for_every_frame_pair():
+  rng = np.random.default_rng(0)
+  for _ in range(24):  # with and without objects, every biome, direction and speed
+    spec = pw.sample_spec(rng)
+    v = pw.render_clip(spec, 6, 32, 32)
+    want = -np.asarray(spec.velocity(), float)  # the scene moves against the camera
+    for k in range(5):
+      np.testing.assert_allclose(pw.measure_shift(v[k], v[k + 1]), want, atol=0.1, err_msg=spec.caption)
+  still = pw.render_clip(pw.sample_spec(rng), 1, 32, 32)[0]
+  np.testing.assert_allclose(pw.measure_shift(still, still), (0, 0), atol=1e-9)  # a frozen video: no motion
+
+
+def test_tfds_builder_stores_what_the_renderer_draws(tmp_path):
+  cfg = pw.config_for(frames=5, height=16, width=16, clips=6, seed=3)
+  builder = pw.PanWorld(config=cfg, data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  src = builder.as_data_source(split="train")
+  assert len(src) == 6
+  rng = np.random.default_rng(3)
+  specs = [pw.sample_spec(rng, cfg.object_prob) for _ in range(6)]
+  for i in range(6):
+    ex = src[i]
+    spec = specs[int(ex["index"])]
+    caption = ex["caption"].decode() if isinstance(ex["caption"], bytes) else ex["caption"]
+    assert caption == spec.caption
+    np.testing.assert_array_equal(ex["video"], pw.render_clip(spec, 5, 16, 16))
+    np.testing.assert_array_equal(ex["velocity"], pw.parse_caption(caption).velocity())
+  assert sorted(int(src[i]["index"]) for i in range(6)) == list(range(6))
+  assert any(s.obj for s in specs) and any(not s.obj for s in specs)
+
+
+def test_tokenizer_of_the_grammar(tmp_path):
+  """A sentencepiece model trained on the grammar, read by asvd's umT5 tokenizer loader: every
+  word of every caption is one token (the comma its own), the file is the same each time."""
+  import asvd  # noqa: PLC0415
+
+  path = pw.build_tokenizer(str(tmp_path / "a.model"))
+  assert (tmp_path / "a.model").read_bytes() == open(pw.build_tokenizer(str(tmp_path / "b.model")), "rb").read()
+  tok = asvd.load_tokenizer(path, max_length=20)
+  caps = pw.all_captions()
+  ids, mask = tok(caps)
+  words = [c.replace(",", " ,").split() for c in caps]
+  np.testing.assert_array_equal(mask.sum(1), [len(w) + 1 for w in words])  # + EOS
+  token = {}
+  for row, ws in zip(ids, words, strict=True):
+    assert row[len(ws)] == 1 and 2 not in row[: len(ws)]  # EOS after the words, no unknown token
+    for t, w in zip(row, ws, strict=False):
+      assert token.setdefault(w, t) == t  # one id per word ...
+  assert len(set(token.values())) == len(token) == len(pw.vocabulary())  # ... and one word per id
