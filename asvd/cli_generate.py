@@ -176,7 +176,7 @@ def _setup(args, overrides, outputs):
   _check_inputs(args)
   _check_model_config(cfg, overrides, args.checkpoint)
   tr.make_layout(cfg.rollout, DiTConfig.from_config(cfg.model), None, cfg.sampler)  # config errors now
-  out = _connect_and_open(args, outputs)
+  out = _connect_and_open(args, outputs(cfg) if callable(outputs) else outputs)
   model = _load_dit(cfg, args.checkpoint, args.seed)
   tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler)  # the checkpoint's patch size / RoPE
   return cfg, out, model, _context(args, cfg, model.cfg.text_dim, model.cfg.text_len)
@@ -281,12 +281,22 @@ def cmd_generate(args, overrides) -> None:
     return cmd_t2v(args, overrides)
   if args.prompt:
     raise UsageError("--prompt needs --weights DIR (the Wan2.1 VAE, umT5 and tokenizer)")
-  mp4 = "video.mp4" if args.vae else "preview.mp4"
-  cfg, out, model, context = _setup(args, overrides, ["latents.npy", "generate.json", mp4])
+  def pixels(cfg):  # pixel-space configs (PanWorld) decode exactly, without a VAE
+    return int(cfg.pipeline.get("pixel_patch", 0) or 0) if not args.vae else 0
+
+  def video_name(cfg):
+    return "video.mp4" if args.vae or pixels(cfg) else "preview.mp4"
+
+  cfg, out, model, context = _setup(args, overrides, lambda c: ["latents.npy", "generate.json", video_name(c)])
+  mp4 = video_name(cfg)
   fps = args.fps or int(cfg.pipeline.fps)
   vae = None
   if args.vae and out is not None:  # (only process 0 decodes and writes)
     vae = pipeline.load_decoder(args.vae, config=cfg)
+  elif pixels(cfg):
+    from asvd.models.pixel_codec import PixelCodec  # noqa: PLC0415
+
+    vae = PixelCodec(pixels(cfg))
   f = int(cfg.rollout.chunk_frames)
   chunks = []
   prog = _Progress(args.chunks, "generate", f)
@@ -314,7 +324,7 @@ def cmd_generate(args, overrides) -> None:
     prog.close()
   latents = np.concatenate(chunks, axis=1)
   path = out.save_npy("latents.npy", latents)
-  note = f"{mp4} (decoded by the VAE)"
+  note = f"{mp4} (decoded by the VAE)" if args.vae else f"{mp4} (pixel space: the exact space-to-depth decode)"
   if vae is None:
     if latents.shape[-1] == video.WAN21_LATENT_RGB.shape[0]:
       # One preview frame per latent frame, so a quarter of the VAE's frame rate keeps the timing.

@@ -99,8 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
       # LoRA: rank-r adapters on the blocks' linear layers of the trained networks (generator and
       # critic in dmd) of these stages; only the adapters train; final models are merged.
       lora=dict(rank=0, alpha=0.0, stages=("dmd",)),
-      # synthetic_pan (generated) | video_folder (folder + weights) | a prepared TFDS name
-      data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0, folder="", weights=""),
+      # synthetic_pan (generated) | panworld (generated pixel pans; object_prob: clips with a moving
+      # object) | video_folder (folder + weights) | a prepared TFDS name
+      data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0, folder="", weights="", object_prob=0.5),
       teacher=dict(steps=1000, lr=1e-4, init=""),
       causal_init=dict(
         steps=1000,
@@ -143,7 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
   # of constructor arguments selects another architecture (used by tiny end-to-end tests).
   # decode_cache_dtype: the streaming decoder's cache dtype (None = the decoder's own, float32);
   # "bfloat16" halves the Wan VAE's causal-conv cache (3.8 -> 1.9 GB at 480x832).
-  c.pipeline = ml_collections.ConfigDict(dict(vae=None, text_encoder=None, taehv=None, fps=16, decode_cache_dtype=None))
+  # pixel_patch > 0: pixel space, latents are space-to-depth patches (asvd.models.pixel_codec;
+  # PanWorld). text_encoder_seed: a text encoder of the `text_encoder` architecture with random,
+  # frozen weights from this seed where no weights are given (PanWorld's text path).
+  c.pipeline = ml_collections.ConfigDict(dict(vae=None, text_encoder=None, taehv=None, fps=16, decode_cache_dtype=None, pixel_patch=0, text_encoder_seed=0))
   # Device mesh for rollouts (asvd.sharding): sizes of the (data, fsdp, context, tensor) axes; one
   # may be -1 (all remaining devices). All 1 = a single device. `rules` maps logical axis names
   # to mesh axes on top of asvd.sharding.DEFAULT_RULES (set it in a config file).

@@ -22,6 +22,7 @@ generated locally and deterministic by seed.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import numpy as np
@@ -337,7 +338,87 @@ class PanWorld(tfds.core.GeneratorBasedBuilder):
       }
 
 
+# ------------------------------------------------------------------------------------------------
+# As training data: latents (space-to-depth pixels) and caption embeddings.
+# ------------------------------------------------------------------------------------------------
+
+
+def text_path(config, data_dir: str):
+  """`(tokenizer, encoder)` of PanWorld's text: the grammar's tokenizer (written once to
+  `data_dir/panworld/tokenizer.model`) and a umT5-architecture encoder of
+  `config.pipeline.text_encoder`'s shape with random, frozen weights from
+  `config.pipeline.text_encoder_seed` (distinct captions get distinct embeddings)."""
+  import asvd  # noqa: PLC0415
+  from asvd.errors import UsageError  # noqa: PLC0415
+  from asvd.models.umt5 import UMT5Config, init_text_encoder  # noqa: PLC0415
+
+  p, m = config.pipeline, config.model
+  arch = p.get("text_encoder")
+  if arch is None:
+    raise UsageError("train.data.name='panworld' needs pipeline.text_encoder: the tiny umT5 architecture of its text path (configs/panworld.py sets one)")
+  arch = dict(arch.to_dict() if hasattr(arch, "to_dict") else arch)
+  if int(arch.get("dim", -1)) != int(m.text_dim):
+    raise UsageError(f"pipeline.text_encoder.dim={arch.get('dim')} must equal model.text_dim={m.text_dim} (the encoder's output is the DiT's text context)")
+  folder = os.path.join(data_dir, "panworld")
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, "tokenizer.model")
+  if not os.path.exists(path):
+    build_tokenizer(path + ".tmp")
+    os.replace(path + ".tmp", path)
+  tok = asvd.load_tokenizer(path, max_length=int(m.text_len))
+  enc = init_text_encoder(UMT5Config(**arch), int(p.get("text_encoder_seed", 0)))
+  return tok, enc
+
+
+def caption_table(config, data_dir: str) -> dict[str, np.ndarray]:
+  """`{caption: float32 [text_len, text_dim]}` for every caption of the grammar (one batch)."""
+  from asvd.text.tokenizer import encode_prompts  # noqa: PLC0415
+
+  tok, enc = text_path(config, data_dir)
+  caps = all_captions()
+  emb = np.asarray(encode_prompts(enc, tok, caps), np.float32)
+  return dict(zip(caps, emb, strict=True))
+
+
+class TrainingSource:
+  """PanWorld clips as training examples `{"latents": [T, h, w, 3 p^2], "text": [L, D]}` plus
+  the clip's `caption`, `velocity` and `index` (random access, what the grain pipeline and the
+  trainer's sampler read)."""
+
+  def __init__(self, clips, codec, table: dict[str, np.ndarray]):
+    self._clips, self._codec, self._table = clips, codec, table
+
+  def __len__(self) -> int:
+    return len(self._clips)
+
+  def __getitem__(self, i):
+    ex = self._clips[i]
+    caption = ex["caption"].decode() if isinstance(ex["caption"], bytes) else str(ex["caption"])
+    px = np.asarray(ex["video"], np.float32)[None] / 127.5 - 1.0
+    return {"latents": self._codec.encode(px)[0], "text": self._table[caption], "caption": caption, "velocity": ex["velocity"], "index": ex["index"]}
+
+
+def training_source(config, latent_hw, data_dir: str) -> TrainingSource:
+  """The `train.data.name="panworld"` source: clips of `train.data.frames` frames at
+  `latent_hw x pipeline.pixel_patch` pixels (generated once under `data_dir`), encoded by the
+  space-to-depth codec, with their captions' embeddings."""
+  from asvd.errors import UsageError  # noqa: PLC0415
+  from asvd.models.pixel_codec import PixelCodec  # noqa: PLC0415
+
+  d, m = config.train.data, config.model
+  patch = int(config.pipeline.get("pixel_patch", 0) or 0)
+  if patch < 1:
+    raise UsageError("train.data.name='panworld' trains in pixel space: set pipeline.pixel_patch (e.g. 4: 4x4 pixel patches as 48-channel latents)")
+  codec = PixelCodec(patch)
+  if codec.latent_channels != int(m.in_channels):
+    raise UsageError(f"pipeline.pixel_patch={patch} gives {codec.latent_channels}-channel latents, model.in_channels={m.in_channels}")
+  cfg = config_for(int(d.frames), int(latent_hw[0]) * patch, int(latent_hw[1]) * patch, int(d.clips), int(d.seed), float(d.get("object_prob", 0.5)))
+  builder = PanWorld(config=cfg, data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare()
+  return TrainingSource(builder.as_data_source(split=d.get("split", "train")), codec, caption_table(config, data_dir))
+
+
 __all__ = [
   "BIOMES", "COLORS", "DIRECTIONS", "OBJECTS", "SPEEDS", "ClipSpec", "PanWorld", "PanWorldConfig", "all_captions",
-  "build_tokenizer", "config_for", "vocabulary", "measure_shift", "parse_caption", "render_clip", "render_world", "sample_spec",
+  "TrainingSource", "build_tokenizer", "caption_table", "config_for", "text_path", "training_source", "vocabulary", "measure_shift", "parse_caption", "render_clip", "render_world", "sample_spec",
 ]  # fmt: skip

@@ -29,7 +29,9 @@ def _quiet_tfds():
 def data_source(config, latent_hw, data_dir: str):
   """The TFDS data source named by `config.train.data.name` (generated on first use).
 
-  `synthetic_pan`: procedural panning clips (asvd/data/synthetic.py). `video_folder`: your
+  `synthetic_pan`: procedural panning clips (asvd/data/synthetic.py). `panworld`: procedural
+  pixel pans with captions (asvd/data/panworld.py; pixel space, `pipeline.pixel_patch`, and a
+  tiny text encoder, `pipeline.text_encoder`). `video_folder`: your
   videos + captions, encoded once (asvd/data/video_folder.py). Any other name: a TFDS dataset
   already prepared as array_record in `data_dir`.
   """
@@ -44,6 +46,10 @@ def data_source(config, latent_hw, data_dir: str):
       int(model_cfg.text_len), int(model_cfg.text_dim), int(data_cfg.clips), int(data_cfg.seed),
     )  # fmt: skip
     builder = synthetic.SyntheticPan(config=cfg, data_dir=data_dir, file_format="array_record")
+  elif name == "panworld":
+    from asvd.data import panworld  # noqa: PLC0415
+
+    return panworld.training_source(config, latent_hw, data_dir)
   elif name == "video_folder":
     from asvd.data import video_folder  # noqa: PLC0415
 

@@ -468,7 +468,13 @@ class _Sampler:
         model, self.text, self.key, num_chunks=int(c.train.sample_chunks), config=c.rollout, sampler_config=c.sampler, latent_hw=self.lay.latent_hw, mesh=self.mesh, rules=self.rules,
         memory_check=memory.setting(c),
       )
-    return preview(distributed.to_host(lat)[0])
+    lat = distributed.to_host(lat)[0]
+    patch = int(self.cfg.pipeline.get("pixel_patch", 0) or 0)
+    if patch:  # pixel space (PanWorld): the exact decode, 4x upscaled to look at
+      from asvd.models.pixel_codec import PixelCodec  # noqa: PLC0415
+
+      return PixelCodec(patch).to_uint8(lat[None])[0].repeat(4, axis=1).repeat(4, axis=2)
+    return preview(lat)
 
 
 def _preflight(stage, jits, state, batch, frozen, cfg):

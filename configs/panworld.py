@@ -1,0 +1,30 @@
+"""PanWorld in pixel space: the config of the bundled models (asvd/data/panworld.py).
+
+32x32-pixel videos as 8x8 latents of 4x4-pixel patches (48 channels, `asvd.models.pixel_codec`,
+exact: no VAE), captions from PanWorld's grammar through its sentencepiece tokenizer and a tiny
+umT5-architecture encoder with random, frozen weights (seed `pipeline.text_encoder_seed`). The
+training budget (steps) is still being set: the bundled models and `asvd eval` come next.
+
+Args (after `:`): `f32` (default) or `bf16`.
+"""
+
+from asvd.config import base_config, config_arg
+
+
+def get_config(arg=None):
+  arg = config_arg(arg, {"f32": "float32", "bf16": "bfloat16 params and activations"}, __file__)
+  c = base_config()
+  c.name = "panworld"
+  c.model.update(dim=128, ffn_dim=256, freq_dim=64, num_heads=2, num_layers=4, text_dim=32, text_len=16, in_channels=48, out_channels=48)
+  if arg == "bf16":
+    c.model.update(dtype="bfloat16", param_dtype="bfloat16")
+  c.rollout.latent_hw = (8, 8)
+  c.pipeline.update(pixel_patch=4, text_encoder_seed=0, fps=8)  # one frame per latent frame
+  c.pipeline.text_encoder = dict(vocab_size=192, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)
+  t = c.train
+  t.update(horizon_frames=9, batch_size=4, checkpoint_every=100, keep=2, sample_every=200, sample_chunks=6)
+  t.data.update(name="panworld", frames=12, clips=512)
+  t.teacher.update(steps=400, lr=5e-4)
+  t.causal_init.update(steps=200, lr=2e-4, ode_steps=16)
+  t.dmd.update(steps=100, generator_lr=2e-5, critic_lr=4e-5, rollout_chunks=6, ema_start=20, reencode_first=False)
+  return c
