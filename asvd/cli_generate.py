@@ -36,7 +36,7 @@ def _int_at_least(lo: int, hi: int | None = None):
 def add_commands(sub) -> None:
   g = sub.add_parser("generate", help="text-to-video from real weights, or stream latents from a DiT alone")
   _common(g)
-  g.add_argument("--prompt", default=None, help="text prompt (with --weights)")
+  g.add_argument("--prompt", default=None, help="text prompt (with --weights; or a caption of the grammar with configs/panworld.py)")
   g.add_argument("--weights", default=None, help="Wan2.1-T2V-1.3B folder: VAE, umT5, tokenizer (+ the DiT or --checkpoint)")
   cond = g.add_mutually_exclusive_group()
   cond.add_argument("--image", default=None, help="condition on this image (image-to-video)")
@@ -148,7 +148,31 @@ def _check_inputs(args):
     raise UsageError(f"--vae {args.vae}: no such file or folder")
 
 
+def _own_text_path(cfg) -> bool:
+  """A config whose text path needs no weights: PanWorld's (pixel space, seeded encoder)."""
+  p = cfg.pipeline
+  return bool(int(p.get("pixel_patch", 0) or 0)) and p.get("text_encoder") is not None
+
+
+def _check_prompt(cfg, args) -> None:
+  """`--prompt` without `--weights`: a config with its own text path, and a prompt of its grammar."""
+  if not _own_text_path(cfg):
+    raise UsageError("--prompt needs --weights DIR (the Wan2.1 VAE, umT5 and tokenizer), or a config with its own text path (pipeline.pixel_patch and pipeline.text_encoder, e.g. configs/panworld.py)")
+  if args.context is not None:
+    raise UsageError("give --prompt or --context, not both")
+  from asvd.data import panworld  # noqa: PLC0415
+
+  try:
+    panworld.parse_caption(args.prompt)
+  except ValueError as e:
+    raise UsageError(f"--prompt: {e}") from None
+
+
 def _context(args, cfg, text_dim, text_len):
+  if getattr(args, "prompt", None):
+    from asvd.data import panworld  # noqa: PLC0415
+
+    return np.repeat(panworld.embed_prompts(cfg, [args.prompt]), int(cfg.rollout.batch_size), axis=0)
   if args.context is not None:
     try:
       context = np.load(args.context)
@@ -171,6 +195,8 @@ def _setup(args, overrides, outputs):
   if args.config is None:
     raise UsageError("give --config configs/X.py (or --weights DIR --prompt ...)")
   cfg = _load_config(args.config, overrides)
+  if getattr(args, "prompt", None):
+    _check_prompt(cfg, args)
   if args.checkpoint is None and args.init is None:
     raise UsageError("give --checkpoint PATH or --init random")
   _check_inputs(args)
@@ -279,8 +305,6 @@ def cmd_generate(args, overrides) -> None:
 
   if args.weights:
     return cmd_t2v(args, overrides)
-  if args.prompt:
-    raise UsageError("--prompt needs --weights DIR (the Wan2.1 VAE, umT5 and tokenizer)")
   def pixels(cfg):  # pixel-space configs (PanWorld) decode exactly, without a VAE
     return int(cfg.pipeline.get("pixel_patch", 0) or 0) if not args.vae else 0
 
@@ -332,7 +356,7 @@ def cmd_generate(args, overrides) -> None:
       note = f"{mp4} (a preview: fixed linear latent->RGB projection, not a VAE decode; `asvd decode --vae` for the real video)"
     else:
       note = f"no preview ({latents.shape[-1]}-channel latents are not Wan2.1 latents)"
-  out.write_json("generate.json", {"config": args.config, "overrides": overrides, "seed": args.seed, "checkpoint": args.checkpoint, "shape": list(latents.shape), "video": mp4 if (vae is not None or "preview" in note) else None})
+  out.write_json("generate.json", {"config": args.config, "overrides": overrides, "seed": args.seed, "checkpoint": args.checkpoint, "prompt": args.prompt, "shape": list(latents.shape), "video": mp4 if (vae is not None or "preview" in note) else None})
   print(f"wrote {path} {latents.shape}, generate.json and {note}")
 
 

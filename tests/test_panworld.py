@@ -143,8 +143,9 @@ def test_training_source_feeds_latents_and_caption_embeddings(tmp_path):
 
 
 def test_generate_writes_pixel_video_without_a_vae(tmp_path):
-  """`asvd generate` with a pixel-space config (configs/panworld.py) writes video.mp4 by the
-  exact space-to-depth decode: one frame per latent frame, the latents' pixels."""
+  """`asvd generate --prompt` with a pixel-space config (configs/panworld.py): the caption goes
+  through PanWorld's own text path (no weights folder), and video.mp4 is the exact
+  space-to-depth decode: one frame per latent frame, the latents' pixels."""
   import json  # noqa: PLC0415
   import os  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
@@ -153,12 +154,26 @@ def test_generate_writes_pixel_video_without_a_vae(tmp_path):
   from asvd import video  # noqa: PLC0415
   from asvd.models.pixel_codec import PixelCodec  # noqa: PLC0415
 
-  cmd = [sys.executable, "-m", "asvd.main", "generate", "--config", "configs/panworld.py", "--init", "random", "--chunks", "2", "--out", str(tmp_path)]
-  p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  def generate(out, *args):
+    cmd = [sys.executable, "-m", "asvd.main", "generate", "--config", "configs/panworld.py", "--init", "random", "--chunks", "2", "--out", str(tmp_path / out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+  left = "camera pans left quickly over a snowy forest, a red ball bounces"
+  p = generate("a", "--prompt", left)
   assert p.returncode == 0, p.stderr[-2000:]
-  lat = np.load(tmp_path / "latents.npy")
-  assert lat.shape == (1, 6, 8, 8, 48) and json.loads((tmp_path / "generate.json").read_text())["video"] == "video.mp4"
-  frames = video.read_frames(str(tmp_path / "video.mp4"), (32, 32))
+  rec = json.loads((tmp_path / "a" / "generate.json").read_text())
+  assert rec["video"] == "video.mp4" and rec["prompt"] == left
+  lat = np.load(tmp_path / "a" / "latents.npy")
+  assert lat.shape == (1, 6, 8, 8, 48)
+  # Another caption, same seed: another context, another video (the prompt reaches the model).
+  assert generate("b", "--prompt", "camera pans up slowly over a sandy desert").returncode == 0
+  assert np.abs(np.load(tmp_path / "b" / "latents.npy") - lat).mean() > 1e-3
+  # A prompt outside the grammar, or --prompt with a config without its own text path: one line.
+  p = generate("c", "--prompt", "camera pans left quickly over a purple swamp")
+  assert p.returncode == 2 and "--prompt" in p.stderr and "'a purple swamp'" in p.stderr and "Traceback" not in p.stderr
+  p = subprocess.run([sys.executable, "-m", "asvd.main", "generate", "--config", "configs/tiny.py", "--init", "random", "--prompt", left, "--out", str(tmp_path / "d")], capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert p.returncode == 2 and "--prompt needs --weights" in p.stderr and "configs/panworld.py" in p.stderr
+  frames = video.read_frames(str(tmp_path / "a" / "video.mp4"), (32, 32))
   want = PixelCodec(4).to_uint8(lat)[0]
   assert frames.shape == want.shape == (6, 32, 32, 3)
   # mp4 (yuv420) blurs pixel noise: compare the grey level of each latent's 4x4 patch.

@@ -343,11 +343,16 @@ class PanWorld(tfds.core.GeneratorBasedBuilder):
 # ------------------------------------------------------------------------------------------------
 
 
-def text_path(config, data_dir: str):
+def text_path(config, data_dir: str | None = None):
   """`(tokenizer, encoder)` of PanWorld's text: the grammar's tokenizer (written once to
-  `data_dir/panworld/tokenizer.model`) and a umT5-architecture encoder of
-  `config.pipeline.text_encoder`'s shape with random, frozen weights from
+  `data_dir/panworld/tokenizer.model`, or to a temporary folder) and a umT5-architecture encoder
+  of `config.pipeline.text_encoder`'s shape with random, frozen weights from
   `config.pipeline.text_encoder_seed` (distinct captions get distinct embeddings)."""
+  if data_dir is None:
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="asvd-panworld-") as tmp:
+      return text_path(config, tmp)  # (the tokenizer holds its model in memory)
   import asvd  # noqa: PLC0415
   from asvd.errors import UsageError  # noqa: PLC0415
   from asvd.models.umt5 import UMT5Config, init_text_encoder  # noqa: PLC0415
@@ -368,6 +373,17 @@ def text_path(config, data_dir: str):
   tok = asvd.load_tokenizer(path, max_length=int(m.text_len))
   enc = init_text_encoder(UMT5Config(**arch), int(p.get("text_encoder_seed", 0)))
   return tok, enc
+
+
+def embed_prompts(config, prompts: list[str]) -> np.ndarray:
+  """float32 `[len(prompts), text_len, text_dim]`: captions of the grammar through PanWorld's text
+  path (the context `asvd generate --prompt` gives a PanWorld model); a prompt outside the
+  grammar is one ValueError naming the word at fault."""
+  from asvd.text.tokenizer import encode_prompts  # noqa: PLC0415
+
+  prompts = [parse_caption(p).caption for p in prompts]  # checked and normalised
+  tok, enc = text_path(config)
+  return np.asarray(encode_prompts(enc, tok, prompts), np.float32)
 
 
 def caption_table(config, data_dir: str) -> dict[str, np.ndarray]:
@@ -420,5 +436,5 @@ def training_source(config, latent_hw, data_dir: str) -> TrainingSource:
 
 __all__ = [
   "BIOMES", "COLORS", "DIRECTIONS", "OBJECTS", "SPEEDS", "ClipSpec", "PanWorld", "PanWorldConfig", "all_captions",
-  "TrainingSource", "build_tokenizer", "caption_table", "config_for", "text_path", "training_source", "vocabulary", "measure_shift", "parse_caption", "render_clip", "render_world", "sample_spec",
+  "TrainingSource", "build_tokenizer", "caption_table", "config_for", "embed_prompts", "text_path", "training_source", "vocabulary", "measure_shift", "parse_caption", "render_clip", "render_world", "sample_spec",
 ]  # fmt: skip
