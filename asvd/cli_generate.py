@@ -318,9 +318,9 @@ def cmd_generate(args, overrides) -> None:
   if args.vae and out is not None:  # (only process 0 decodes and writes)
     vae = pipeline.load_decoder(args.vae, config=cfg)
   elif pixels(cfg):
-    from asvd.models.pixel_codec import PixelCodec  # noqa: PLC0415
+    from asvd.models import pixel_codec  # noqa: PLC0415
 
-    vae = PixelCodec(pixels(cfg))
+    vae = pixel_codec.from_config(cfg)
   f = int(cfg.rollout.chunk_frames)
   chunks = []
   prog = _Progress(args.chunks, "generate", f)

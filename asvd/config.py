@@ -145,9 +145,10 @@ def base_config() -> ml_collections.ConfigDict:
   # decode_cache_dtype: the streaming decoder's cache dtype (None = the decoder's own, float32);
   # "bfloat16" halves the Wan VAE's causal-conv cache (3.8 -> 1.9 GB at 480x832).
   # pixel_patch > 0: pixel space, latents are space-to-depth patches (asvd.models.pixel_codec;
-  # PanWorld). text_encoder_seed: a text encoder of the `text_encoder` architecture with random,
-  # frozen weights from this seed where no weights are given (PanWorld's text path).
-  c.pipeline = ml_collections.ConfigDict(dict(vae=None, text_encoder=None, taehv=None, fps=16, decode_cache_dtype=None, pixel_patch=0, text_encoder_seed=0))
+  # PanWorld) of pixels in [-1, 1] times pixel_scale. text_encoder_seed: a text encoder of the
+  # `text_encoder` architecture with random, frozen weights from this seed where no weights are
+  # given (PanWorld's text path).
+  c.pipeline = ml_collections.ConfigDict(dict(vae=None, text_encoder=None, taehv=None, fps=16, decode_cache_dtype=None, pixel_patch=0, pixel_scale=1.0, text_encoder_seed=0))
   # Device mesh for rollouts (asvd.sharding): sizes of the (data, fsdp, context, tensor) axes; one
   # may be -1 (all remaining devices). All 1 = a single device. `rules` maps logical axis names
   # to mesh axes on top of asvd.sharding.DEFAULT_RULES (set it in a config file).

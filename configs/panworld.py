@@ -19,7 +19,8 @@ def get_config(arg=None):
   if arg == "bf16":
     c.model.update(dtype="bfloat16", param_dtype="bfloat16")
   c.rollout.latent_hw = (8, 8)
-  c.pipeline.update(pixel_patch=4, text_encoder_seed=0, fps=8)  # one frame per latent frame
+  # Pixels in [-1, 1] have a std of about 0.52 on PanWorld: x2 gives unit-scale latents.
+  c.pipeline.update(pixel_patch=4, pixel_scale=2.0, text_encoder_seed=0, fps=8)  # fps: one frame per latent frame
   c.pipeline.text_encoder = dict(vocab_size=192, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)
   t = c.train
   t.update(horizon_frames=9, batch_size=4, checkpoint_every=100, keep=2, sample_every=200, sample_chunks=6)

@@ -117,10 +117,11 @@ def test_training_source_feeds_latents_and_caption_embeddings(tmp_path):
   rendered clips and the tiny umT5's embeddings of their captions; bad settings are one error."""
   import asvd  # noqa: PLC0415
   from asvd.data.pipeline import data_source, make_iterator  # noqa: PLC0415
+  from asvd.models import pixel_codec  # noqa: PLC0415
   from asvd.models.pixel_codec import PixelCodec  # noqa: PLC0415
   from asvd.text.tokenizer import encode_prompts  # noqa: PLC0415
 
-  over = ["train.data.name=panworld", "train.data.frames=5", "train.data.clips=8", "pipeline.pixel_patch=4", "model.in_channels=48", "model.out_channels=48"]
+  over = ["train.data.name=panworld", "train.data.frames=5", "train.data.clips=8", "pipeline.pixel_patch=4", "model.in_channels=48", "model.out_channels=48", "pipeline.pixel_scale=2.0"]
   cfg = asvd.load_config("configs/tiny.py", over)
   with pytest.raises(asvd.UsageError, match="pipeline.text_encoder"):
     data_source(cfg, (4, 4), str(tmp_path))
@@ -132,14 +133,16 @@ def test_training_source_feeds_latents_and_caption_embeddings(tmp_path):
   rng = np.random.default_rng(0)  # train.data.seed
   spec = [pw.sample_spec(rng, 0.5) for _ in range(8)][int(ex["index"])]
   assert ex["caption"] == spec.caption and tuple(ex["velocity"]) == spec.velocity()
-  np.testing.assert_array_equal(PixelCodec(4).to_uint8(ex["latents"][None])[0], pw.render_clip(spec, 5, 16, 16))
+  codec = pixel_codec.from_config(cfg)
+  assert codec == PixelCodec(4, 2.0) and 0.6 < float(np.std(ex["latents"])) < 2.0  # pixels [-1, 1] x 2
+  np.testing.assert_array_equal(codec.to_uint8(ex["latents"][None])[0], pw.render_clip(spec, 5, 16, 16))
   tok, enc = pw.text_path(cfg, str(tmp_path))
   np.testing.assert_allclose(ex["text"], np.asarray(encode_prompts(enc, tok, [ex["caption"]]))[0], rtol=1e-5, atol=1e-6)
   assert np.abs(ex["text"]).max() > 0 and len({src[i]["caption"] for i in range(8)}) > 1
   other = next(i for i in range(8) if src[i]["caption"] != ex["caption"])
   assert np.abs(src[other]["text"] - ex["text"]).max() > 1e-3  # distinct captions, distinct embeddings
   with pytest.raises(asvd.UsageError, match="model.in_channels=16"):
-    data_source(asvd.load_config("configs/tiny.py", over[:4]), (4, 4), str(tmp_path))
+    data_source(asvd.load_config("configs/tiny.py", over[:4]), (4, 4), str(tmp_path))  # 16 channels
 
 
 def test_generate_writes_pixel_video_without_a_vae(tmp_path):

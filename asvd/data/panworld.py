@@ -419,13 +419,13 @@ def training_source(config, latent_hw, data_dir: str) -> TrainingSource:
   `latent_hw x pipeline.pixel_patch` pixels (generated once under `data_dir`), encoded by the
   space-to-depth codec, with their captions' embeddings."""
   from asvd.errors import UsageError  # noqa: PLC0415
-  from asvd.models.pixel_codec import PixelCodec  # noqa: PLC0415
+  from asvd.models import pixel_codec  # noqa: PLC0415
 
   d, m = config.train.data, config.model
-  patch = int(config.pipeline.get("pixel_patch", 0) or 0)
-  if patch < 1:
+  codec = pixel_codec.from_config(config)
+  if codec is None:
     raise UsageError("train.data.name='panworld' trains in pixel space: set pipeline.pixel_patch (e.g. 4: 4x4 pixel patches as 48-channel latents)")
-  codec = PixelCodec(patch)
+  patch = codec.patch
   if codec.latent_channels != int(m.in_channels):
     raise UsageError(f"pipeline.pixel_patch={patch} gives {codec.latent_channels}-channel latents, model.in_channels={m.in_channels}")
   cfg = config_for(int(d.frames), int(latent_hw[0]) * patch, int(latent_hw[1]) * patch, int(d.clips), int(d.seed), float(d.get("object_prob", 0.5)))

@@ -73,4 +73,12 @@ class PixelCodec:
     return np.asarray(jnp.round((self.decode(z_bfhwc) + 1.0) * 127.5), np.uint8)
 
 
-__all__ = ["PixelCodec"]
+def from_config(config) -> PixelCodec | None:
+  """The codec of a pixel-space config (`pipeline.pixel_patch` > 0, `pipeline.pixel_scale`), else
+  None."""
+  p = config.get("pipeline", {}) if config is not None else {}
+  patch = int(p.get("pixel_patch", 0) or 0)
+  return PixelCodec(patch, float(p.get("pixel_scale", 1.0))) if patch > 0 else None
+
+
+__all__ = ["PixelCodec", "from_config"]

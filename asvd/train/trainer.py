@@ -469,11 +469,11 @@ class _Sampler:
         memory_check=memory.setting(c),
       )
     lat = distributed.to_host(lat)[0]
-    patch = int(self.cfg.pipeline.get("pixel_patch", 0) or 0)
-    if patch:  # pixel space (PanWorld): the exact decode, 4x upscaled to look at
-      from asvd.models.pixel_codec import PixelCodec  # noqa: PLC0415
+    from asvd.models import pixel_codec  # noqa: PLC0415
 
-      return PixelCodec(patch).to_uint8(lat[None])[0].repeat(4, axis=1).repeat(4, axis=2)
+    codec = pixel_codec.from_config(self.cfg)
+    if codec is not None:  # pixel space (PanWorld): the exact decode, 4x upscaled to look at
+      return codec.to_uint8(lat[None])[0].repeat(4, axis=1).repeat(4, axis=2)
     return preview(lat)
 
 
