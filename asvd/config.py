@@ -102,7 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
       # synthetic_pan (generated) | panworld (generated pixel pans; object_prob: clips with a moving
       # object) | video_folder (folder + weights) | a prepared TFDS name
       data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0, folder="", weights="", object_prob=0.5),
-      teacher=dict(steps=1000, lr=1e-4, init=""),
+      # text_dropout: a sample's text replaced by zeros (the unconditional text of CFG) with this
+      # probability, so a teacher trained here can be guided (ODE init and DMD use CFG).
+      teacher=dict(steps=1000, lr=1e-4, init="", text_dropout=0.1),
       causal_init=dict(
         steps=1000,
         lr=1e-5,

@@ -35,6 +35,27 @@ def test_teacher_and_causal_init_losses_decrease(tiny):
   assert_decreasing(run_fixed_key(step, state, 4, batch, frozen))
 
 
+def test_teacher_text_dropout_trains_the_unconditional_prediction(tiny):
+  """`train.teacher.text_dropout`: a dropped sample's text is the zeros CFG uses as its
+  unconditional text. Dropping (almost) always, the loss no longer depends on the text; with the
+  default 0.1 some samples of a batch keep it (the loss does depend on it)."""
+  cfg, _, batch = tiny
+  g, tx, state = fresh(cfg, 1e-3)
+  other = {**batch, "text": batch["text"][::-1]}
+
+  steps = {}
+
+  def loss(p, b):
+    if p not in steps:
+      c = cfg.copy_and_resolve_references()
+      c.train.teacher.text_dropout = p
+      steps[p] = jax.jit(st.teacher_step(g, tx, c))
+    return float(steps[p](state, b)[1]["loss"])
+
+  assert loss(0.999999, batch) == loss(0.999999, other) == loss(0.999999, {**batch, "text": 0 * batch["text"]})
+  assert cfg.train.teacher.text_dropout == 0.1 and loss(0.1, batch) != loss(0.1, other)
+
+
 def test_ode_trajectory_is_the_teachers_euler_ode_recorded_at_the_student_sigmas(tiny):
   """Against a plain Python loop of Euler steps with CFG, written here from the formulas."""
   cfg, lay, batch = tiny

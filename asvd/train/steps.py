@@ -86,12 +86,20 @@ def _flow_fn(graphdef, params, frozen=None):
 
 
 def teacher_step(graphdef, tx, cfg):
+  """Flow matching of the bidirectional teacher on `H`-frame clips. With probability
+  `train.teacher.text_dropout` a sample's text is replaced by zeros (the unconditional text the
+  CFG of the ODE initialisation and of DMD uses), so the teacher learns both predictions."""
   h, shift = int(cfg.train.horizon_frames), float(cfg.sampler.shift)
+  p_drop = float(cfg.train.teacher.get("text_dropout", 0.0))
 
   def step(state: TrainState, batch, frozen: Frozen | None = None):
     frozen = frozen or Frozen()
     key, sub = jax.random.split(state.key)
     x0, text = batch["latents"][:, :h], batch["text"]
+    if p_drop > 0:
+      sub, k_drop = jax.random.split(sub)
+      drop = jax.random.bernoulli(k_drop, p_drop, (text.shape[0],))
+      text = jnp.where(drop[:, None, None], jnp.zeros_like(text), text)
 
     def loss_fn(p):
       f = _flow_fn(graphdef, p, frozen.generator)

@@ -63,6 +63,9 @@ class NonFiniteError(UsageError):
 def check_config(cfg) -> None:
   t = cfg.train
   memory.setting(cfg)  # runtime.memory_check / memory_limit_gib
+  drop = t.teacher.get("text_dropout", 0.0)
+  if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
+    raise UsageError(f"train.teacher.text_dropout={drop!r} must be in [0, 1)")
   bad = [s for s in t.stages if s not in STAGES]
   if bad or not t.stages:
     raise UsageError(f"train.stages={tuple(t.stages)}: choose from {STAGES}, in order")
