@@ -94,15 +94,16 @@ def free_bytes(device) -> tuple[int | None, str]:
   return None, ""
 
 
-def need(compiled) -> Need | None:
-  """What `compiled` (a `jax.stages.Compiled`) adds per device; None when XLA does not say."""
+def need(compiled, devices=None) -> Need | None:
+  """What `compiled` (a `jax.stages.Compiled`) adds per device; None when XLA does not say.
+  `devices`: the program's devices of this process (default: read from `compiled`)."""
   try:
     m = compiled.memory_analysis()
   except Exception:  # noqa: BLE001  (backends without a memory analysis raise various types)
     return None
   if m is None:
     return None
-  devices = _devices(compiled)
+  devices = _devices(compiled) if devices is None else devices
   shared = len(devices) if devices and devices[0].platform == "cpu" else 1
   return Need(int(m.temp_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes), max(1, shared))
 
@@ -132,10 +133,10 @@ def check(compiled, what: str, *, setting: bool | float = True, hint: str = "") 
   """
   if setting is False:
     return None
-  n = need(compiled)
+  devices = _devices(compiled)
+  n = need(compiled, devices)
   if n is None:
     return None
-  devices = _devices(compiled)
   if not devices:
     import jax  # noqa: PLC0415
 

@@ -115,6 +115,8 @@ def test_pixel_codec_is_exact_and_streams():
 def test_training_source_feeds_latents_and_caption_embeddings(tmp_path):
   """`train.data.name="panworld"`: the grain pipeline's batches are the codec's latents of the
   rendered clips and the tiny umT5's embeddings of their captions; bad settings are one error."""
+  import os  # noqa: PLC0415
+
   import asvd  # noqa: PLC0415
   from asvd.data.pipeline import data_source, make_iterator  # noqa: PLC0415
   from asvd.models import pixel_codec  # noqa: PLC0415
@@ -127,6 +129,9 @@ def test_training_source_feeds_latents_and_caption_embeddings(tmp_path):
     data_source(cfg, (4, 4), str(tmp_path))
   cfg.pipeline.text_encoder = dict(vocab_size=192, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)
   src = data_source(cfg, (4, 4), str(tmp_path))
+  tok_file = tmp_path / "panworld" / "tokenizer.model"
+  assert sorted(os.listdir(tmp_path / "panworld")) == ["tokenizer.model"]  # no temporary file left
+  stamp = tok_file.stat().st_mtime_ns
   batch = next(make_iterator(cfg, (4, 4), batch_size=2, seed=0, data_dir=str(tmp_path)))
   assert batch["latents"].shape == (2, 5, 4, 4, 48) and batch["text"].shape == (2, 16, 32)
   ex = src[3]
@@ -141,6 +146,7 @@ def test_training_source_feeds_latents_and_caption_embeddings(tmp_path):
   assert np.abs(ex["text"]).max() > 0 and len({src[i]["caption"] for i in range(8)}) > 1
   other = next(i for i in range(8) if src[i]["caption"] != ex["caption"])
   assert np.abs(src[other]["text"] - ex["text"]).max() > 1e-3  # distinct captions, distinct embeddings
+  assert tok_file.stat().st_mtime_ns == stamp  # written once, then reused (never rewritten)
   with pytest.raises(asvd.UsageError, match="model.in_channels=16"):
     data_source(asvd.load_config("configs/tiny.py", over[:4]), (4, 4), str(tmp_path))  # 16 channels
 

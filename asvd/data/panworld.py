@@ -367,9 +367,17 @@ def text_path(config, data_dir: str | None = None):
   folder = os.path.join(data_dir, "panworld")
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, "tokenizer.model")
-  if not os.path.exists(path):
-    build_tokenizer(path + ".tmp")
-    os.replace(path + ".tmp", path)
+  if not os.path.exists(path):  # written under a fresh temporary name, renamed into place
+    import tempfile  # noqa: PLC0415
+
+    fd, tmp = tempfile.mkstemp(prefix="tokenizer.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+      build_tokenizer(tmp)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
   tok = asvd.load_tokenizer(path, max_length=int(m.text_len))
   enc = init_text_encoder(UMT5Config(**arch), int(p.get("text_encoder_seed", 0)))
   return tok, enc
