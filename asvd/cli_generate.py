@@ -18,6 +18,7 @@ import numpy as np
 from asvd.errors import UsageError
 
 MAX_SEED = 2**32 - 1
+PIXEL_VIEW_UPSCALE = 8  # pixel-space (PanWorld) video.mp4: 32 -> 256 pixels, nearest neighbour
 
 
 def _int_at_least(lo: int, hi: int | None = None):
@@ -44,7 +45,9 @@ def add_commands(sub) -> None:
   g.add_argument("--vae", default=None, help="decoder for video.mp4 when generating from a DiT alone: a Wan VAE (file or folder) or TAEHV (taew2_1.pth)")
   g.add_argument("--decoder", choices=["wan", "taehv"], default="wan", help="with --weights: the Wan VAE, or TAEHV (taew2_1.pth in the weights folder; fast)")
   g.add_argument("--fps", type=_int_at_least(1, 240), default=None, help="mp4 frame rate (default config.pipeline.fps = 16)")
-  from asvd import distributed  # noqa: PLC0415
+  from asvd import bundled, distributed  # noqa: PLC0415
+
+  g.add_argument("--bundled", choices=bundled.MODES, default=None, help="run a bundled PanWorld model (the default, adaptive, when no --config/--weights is given)")
 
   distributed.add_flags(g)
   g.set_defaults(func=cmd_generate)
@@ -64,6 +67,15 @@ def add_commands(sub) -> None:
   a = esub.add_parser("attention", help="plot the attention share per cache slot group (PNG + JSON)")
   _common(a)
   a.set_defaults(func=cmd_eval_attention)
+  m = esub.add_parser("motion", help="PanWorld: camera speed, motion, freeze and drift per anchor mode at multiples of the horizon (table + plots)")
+  m.add_argument("--models", default=None, help="a folder with one checkpoint per mode (<mode>/, e.g. the workdirs' dmd/model copied there; default: the bundled models)")
+  m.add_argument("--modes", default=",".join(bundled.MODES), help="comma-separated anchor modes to evaluate (default: all four)")
+  m.add_argument("--config", default=None, help=f"the models' config (default {bundled.CONFIG}); --config.a.b=v overrides")
+  m.add_argument("--prompts", type=_int_at_least(1, 8), default=8, help="how many of the eight evaluation captions (default 8)")
+  m.add_argument("--multiples", default="1,2.4,6", help="multiples of the training horizon to measure at (default 1,2.4,6)")
+  m.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help="the rollouts' seed")
+  m.add_argument("--out", default="out/panworld-eval", help="output folder (default out/panworld-eval)")
+  m.set_defaults(func=cmd_eval_motion)
 
 
 def _common(p) -> None:
@@ -71,10 +83,10 @@ def _common(p) -> None:
   w = p.add_mutually_exclusive_group()
   w.add_argument("--checkpoint", default=None, help="DiT checkpoint (diffusers / Wan / Self-Forcing .pt / asvd)")
   w.add_argument("--init", choices=["random"], default=None, help="random weights (smoke runs)")
-  p.add_argument("--chunks", type=_int_at_least(1), default=7, help="chunks to generate (F latent frames each)")
+  p.add_argument("--chunks", type=_int_at_least(1), default=None, help="chunks to generate, F latent frames each (default 7; bundled models: 6x the training horizon)")
   p.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help=f"random seed, 0..{MAX_SEED}")
   p.add_argument("--context", default=None, help=".npy text embeddings [B, L, text_dim] (default: random)")
-  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--out", default=None, help="output folder (bundled models: default out/panworld)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +206,9 @@ def _setup(args, overrides, outputs):
 
   if args.config is None:
     raise UsageError("give --config configs/X.py (or --weights DIR --prompt ...)")
+  if args.out is None:
+    raise UsageError("give --out DIR (the output folder)")
+  args.chunks = 7 if args.chunks is None else args.chunks
   cfg = _load_config(args.config, overrides)
   if getattr(args, "prompt", None):
     _check_prompt(cfg, args)
@@ -269,6 +284,11 @@ def cmd_t2v(args, overrides) -> None:
 
   if not args.prompt:
     raise UsageError("--weights needs --prompt")
+  if args.bundled:
+    raise UsageError("give --weights or --bundled, not both")
+  if args.out is None:
+    raise UsageError("give --out DIR (the output folder)")
+  args.chunks = 7 if args.chunks is None else args.chunks
   cfg = _load_config(args.config or "configs/wan_t2v_1_3b.py", overrides)
   _check_inputs(args)
   _check_model_config(cfg, overrides, True)
@@ -305,13 +325,18 @@ def cmd_generate(args, overrides) -> None:
 
   if args.weights:
     return cmd_t2v(args, overrides)
+  overrides = _bundled_defaults(args, overrides)
+
   def pixels(cfg):  # pixel-space configs (PanWorld) decode exactly, without a VAE
     return int(cfg.pipeline.get("pixel_patch", 0) or 0) if not args.vae else 0
 
   def video_name(cfg):
     return "video.mp4" if args.vae or pixels(cfg) else "preview.mp4"
 
-  cfg, out, model, context = _setup(args, overrides, lambda c: ["latents.npy", "generate.json", video_name(c)])
+  def names(cfg):
+    return ["latents.npy", "generate.json", video_name(cfg)] + (["frames.png"] if pixels(cfg) else [])
+
+  cfg, out, model, context = _setup(args, overrides, names)
   mp4 = video_name(cfg)
   fps = args.fps or int(cfg.pipeline.fps)
   vae = None
@@ -340,7 +365,10 @@ def cmd_generate(args, overrides) -> None:
         pass
       return
     if vae is not None:
-      video.write_mp4(pipeline.decode_stream(vae, generated(), cache_dtype=pipeline.decode_cache_dtype(cfg)), out.path(mp4), fps=fps)
+      frames = pipeline.decode_stream(vae, generated(), cache_dtype=pipeline.decode_cache_dtype(cfg))
+      if pixels(cfg):  # tiny pixel-space frames: nearest-neighbour upscaled to be watchable
+        frames = (video.upscale(c, PIXEL_VIEW_UPSCALE) for c in frames)
+      video.write_mp4(frames, out.path(mp4), fps=fps)
     else:
       for _ in generated():
         pass
@@ -348,7 +376,10 @@ def cmd_generate(args, overrides) -> None:
     prog.close()
   latents = np.concatenate(chunks, axis=1)
   path = out.save_npy("latents.npy", latents)
-  note = f"{mp4} (decoded by the VAE)" if args.vae else f"{mp4} (pixel space: the exact space-to-depth decode)"
+  note = f"{mp4} (decoded by the VAE)" if args.vae else f"{mp4} (pixel space: the exact space-to-depth decode, {PIXEL_VIEW_UPSCALE}x upscaled)"
+  if pixels(cfg):
+    video.write_contact_sheet(vae.to_uint8(latents[:1])[0], out.path("frames.png"))
+    note += " and frames.png (a contact sheet)"
   if vae is None:
     if latents.shape[-1] == video.WAN21_LATENT_RGB.shape[0]:
       # One preview frame per latent frame, so a quarter of the VAE's frame rate keeps the timing.
@@ -358,6 +389,32 @@ def cmd_generate(args, overrides) -> None:
       note = f"no preview ({latents.shape[-1]}-channel latents are not Wan2.1 latents)"
   out.write_json("generate.json", {"config": args.config, "overrides": overrides, "seed": args.seed, "checkpoint": args.checkpoint, "prompt": args.prompt, "shape": list(latents.shape), "video": mp4 if (vae is not None or "preview" in note) else None})
   print(f"wrote {path} {latents.shape}, generate.json and {note}")
+
+
+def _bundled_defaults(args, overrides):
+  """No --config (or --bundled MODE): the bundled PanWorld model of that mode (adaptive), the
+  default prompt, 6x the training horizon, out/panworld. Returns the overrides to use."""
+  from asvd import bundled  # noqa: PLC0415
+
+  if args.config is not None and args.bundled is None:
+    return overrides
+  if args.bundled is not None and (args.config or args.checkpoint or args.init):
+    raise UsageError("--bundled runs a bundled model with its own config: give it without --config, --checkpoint or --init")
+  if args.checkpoint or args.init:
+    raise UsageError("give --config configs/X.py with --checkpoint/--init (or no flag at all: the bundled PanWorld model)")
+  mode = args.bundled or "adaptive"
+  args.checkpoint = bundled.model_path(mode)
+  args.config = bundled.CONFIG
+  overrides = [*overrides, f"--config.rollout.anchor={mode}"]
+  if args.prompt is None and args.context is None:
+    args.prompt = bundled.DEFAULT_PROMPT
+  if args.chunks is None:
+    cfg = _load_config(args.config, overrides)
+    args.chunks = -(-bundled.HORIZON_MULTIPLE * int(cfg.train.horizon_frames) // int(cfg.rollout.chunk_frames))
+  if args.out is None:
+    args.out = "out/panworld"
+  print(f"[asvd] bundled PanWorld model ({mode}): {args.prompt!r}, {args.chunks} chunks", file=sys.stderr)
+  return overrides
 
 
 def cmd_decode(args, overrides) -> None:
@@ -393,6 +450,51 @@ def cmd_decode(args, overrides) -> None:
     chunks = (np.asarray(lat[i : i + 1, s : s + f], np.float32) for s in range(0, lat.shape[1], f))
     frames = video.write_mp4(pipeline.decode_stream(vae, chunks, cache_dtype=pipeline.decode_cache_dtype(cfg)), out.path(n), fps=fps)
     print(f"wrote {out.path(n)} ({frames} frames)")
+
+
+def cmd_eval_motion(args, overrides) -> None:
+  """`asvd eval motion`: asvd.eval.report over one model per anchor mode (bundled by default)."""
+  from asvd import bundled  # noqa: PLC0415
+  from asvd.eval import report  # noqa: PLC0415
+  from asvd.outputs import OutputDir  # noqa: PLC0415
+
+  modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+  bad = [m for m in modes if m not in bundled.MODES]
+  if bad or not modes:
+    raise UsageError(f"--modes {args.modes!r}: choose from {', '.join(bundled.MODES)}")
+  try:
+    multiples = [float(x) for x in args.multiples.split(",")]
+  except ValueError:
+    raise UsageError(f"--multiples {args.multiples!r}: comma-separated numbers, e.g. 1,2.4,6") from None
+  if not multiples or min(multiples) < 1:
+    raise UsageError(f"--multiples {args.multiples!r}: each must be >= 1 (a multiple of the training horizon)")
+  if args.models is not None and not os.path.isdir(args.models):
+    raise UsageError(f"--models {args.models}: no such folder")
+  if args.models is None:
+    paths = {m: bundled.model_path(m) for m in modes}
+  else:
+    paths = {m: os.path.join(args.models, m) for m in modes}
+    missing = [m for m, p in paths.items() if not os.path.isdir(p)]
+    if missing:
+      raise UsageError(f"--models {args.models}: no checkpoint folder for {', '.join(missing)} (expected {os.path.join(args.models, missing[0])})")
+  spec = args.config or bundled.CONFIG
+
+  def config_for(mode):
+    return _load_config(spec, [*overrides, f"--config.rollout.anchor={mode}"])
+
+  cfg = config_for(modes[0])
+  if not _own_text_path(cfg):
+    raise UsageError(f"{spec}: eval motion needs a PanWorld config (pipeline.pixel_patch and pipeline.text_encoder, as configs/panworld.py)")
+  out = OutputDir(args.out, report.output_files(modes))
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  import asvd  # noqa: PLC0415
+  from asvd.models.dit import compute_settings  # noqa: PLC0415
+
+  models = {m: asvd.load_dit(p, dtype=jnp.dtype(cfg.model.dtype), **compute_settings(cfg.model)) for m, p in paths.items()}
+  result = report.evaluate(models, config_for, report.PROMPTS[: args.prompts], out, multiples=multiples, seed=args.seed)
+  print(report.markdown(result))
+  print(f"wrote {out.path('eval.md')}, eval.json and the plots in {args.out}")
 
 
 def cmd_eval_attention(args, overrides) -> None:

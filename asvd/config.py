@@ -100,14 +100,20 @@ def base_config() -> ml_collections.ConfigDict:
       # critic in dmd) of these stages; only the adapters train; final models are merged.
       lora=dict(rank=0, alpha=0.0, stages=("dmd",)),
       # synthetic_pan (generated) | panworld (generated pixel pans; object_prob: clips with a moving
-      # object) | video_folder (folder + weights) | a prepared TFDS name
-      data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0, folder="", weights="", object_prob=0.5),
+      # object; world_scale, world_texture: the world's look, asvd.data.panworld.render_world) |
+      # video_folder (folder + weights) | a prepared TFDS name
+      data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0, folder="", weights="", object_prob=0.5, world_scale=1.0, world_texture=0.3),
       # text_dropout: a sample's text replaced by zeros (the unconditional text of CFG) with this
       # probability, so a teacher trained here can be guided (ODE init and DMD use CFG).
-      teacher=dict(steps=1000, lr=1e-4, init="", text_dropout=0.1),
+      # b1 (every stage): Adam's momentum for this stage, None = train.optimizer.b1 (Self-Forcing's 0
+      # suits fine-tuning; a teacher trained from scratch wants 0.9).
+      # frame_noise_prob: samples whose frames each get their own noise level (Diffusion Forcing;
+      # teaches a teacher trained from scratch to carry content between frames early), 0: off.
+      teacher=dict(steps=1000, lr=1e-4, init="", text_dropout=0.1, b1=None, frame_noise_prob=0.0),
       causal_init=dict(
         steps=1000,
         lr=1e-5,
+        b1=None,
         init="",
         first_chunk_prob=0.25,
         # "ode": regression on the frozen teacher's ODE trajectories (CausVid / Self-Forcing
@@ -123,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
         teacher="",  # teacher (and critic init) checkpoint (default: this workdir's teacher model)
         generator_lr=2e-6,
         critic_lr=4e-7,
+        b1=None,
         critic_per_generator=5,  # critic updates per generator update
         cfg_scale=3.0,  # teacher only; Self-Forcing's form cond + s (cond - uncond)
         ema_decay=0.99,

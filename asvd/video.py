@@ -77,6 +77,47 @@ def latent_preview(latents_fhwc: np.ndarray, upscale: int = 8) -> np.ndarray:
   return to_uint8(rgb)
 
 
+def upscale(frames_thwc: np.ndarray, factor: int) -> np.ndarray:
+  """Nearest-neighbour upscaling of frames `[T, H, W, 3]` by an integer factor (tiny videos)."""
+  return frames_thwc if factor <= 1 else np.asarray(frames_thwc).repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def write_contact_sheet(frames_thwc: np.ndarray, path: str, *, columns: int | None = None, factor: int = 4, gap: int = 2) -> str:
+  """Writes every frame of a video `[T, H, W, 3]` (uint8) as one PNG grid, row by row.
+
+  Args:
+    frames_thwc: the frames.
+    path: the .png to write (atomically).
+    columns: frames per row (default: about a square sheet).
+    factor: nearest-neighbour upscaling of each frame.
+    gap: dark pixels between frames.
+
+  Returns:
+    `path`.
+  """
+  import imageio.v3 as iio  # noqa: PLC0415
+
+  from asvd.outputs import publish  # noqa: PLC0415
+
+  x = upscale(np.asarray(frames_thwc, np.uint8), factor)
+  t, h, w = x.shape[:3]
+  cols = columns or max(1, int(np.ceil(np.sqrt(t * h / w))))
+  rows = -(-t // cols)
+  sheet = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 24, np.uint8)
+  for i in range(t):
+    r, c = divmod(i, cols)
+    sheet[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = x[i]
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+  os.close(fd)
+  try:
+    iio.imwrite(tmp, sheet, extension=".png")
+    publish(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
 def write_mp4(
   frames: Iterable[np.ndarray], path: str, fps: int = 16, on_chunk: Callable[[int], None] | None = None
 ) -> int:

@@ -19,6 +19,13 @@ def test_world_is_deterministic_endless_and_windowed():
   assert far.std() > 20 and np.abs(far.astype(int) - whole[0].astype(int)).mean() > 20  # new content everywhere
   other = pw.render_clip(pw.ClipSpec("left", "quickly", "a snowy forest", seed=8, start=(12, -40)), 1, 24, 32)[0]
   assert np.abs(other.astype(int) - whole[0].astype(int)).mean() > 20  # another world seed, another world
+  # The look: no fine texture is smoother; a larger scale has larger structures (smoother too).
+  def roughness(x):
+    return np.abs(np.diff(x.astype(float), axis=2)).mean()
+
+  flat = pw.render_clip(spec, 1, 24, 32, texture=0.0)
+  assert roughness(flat) < 0.95 * roughness(whole[:1]) and roughness(pw.render_clip(spec, 1, 24, 32, scale=3.0)) < 0.8 * roughness(whole[:1])
+  np.testing.assert_array_equal(whole[:1], pw.render_clip(spec, 1, 24, 32, scale=1.0, texture=0.3))  # the defaults
   # Each biome has its own colours.
   means = [pw.render_clip(pw.ClipSpec("up", "slowly", b, seed=1), 1, 32, 32)[0].reshape(-1, 3).mean(0) for b in pw.BIOMES]
   assert min(np.abs(a - b).max() for i, a in enumerate(means) for b in means[i + 1 :]) > 25
@@ -154,14 +161,14 @@ def test_training_source_feeds_latents_and_caption_embeddings(tmp_path):
 def test_generate_writes_pixel_video_without_a_vae(tmp_path):
   """`asvd generate --prompt` with a pixel-space config (configs/panworld.py): the caption goes
   through PanWorld's own text path (no weights folder), and video.mp4 is the exact
-  space-to-depth decode: one frame per latent frame, the latents' pixels."""
+  space-to-depth decode: one frame per latent frame, the latents' pixels (8x upscaled), with
+  frames.png, every frame on one sheet."""
   import json  # noqa: PLC0415
   import os  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
 
   from asvd import video  # noqa: PLC0415
-  from asvd.models.pixel_codec import PixelCodec  # noqa: PLC0415
 
   def generate(out, *args):
     cmd = [sys.executable, "-m", "asvd.main", "generate", "--config", "configs/panworld.py", "--init", "random", "--chunks", "2", "--out", str(tmp_path / out), *args]
@@ -172,8 +179,22 @@ def test_generate_writes_pixel_video_without_a_vae(tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   rec = json.loads((tmp_path / "a" / "generate.json").read_text())
   assert rec["video"] == "video.mp4" and rec["prompt"] == left
+  import imageio.v3 as iio  # noqa: PLC0415
+
+  import asvd  # noqa: PLC0415
+  from asvd.cli_generate import PIXEL_VIEW_UPSCALE as UP  # noqa: PLC0415
+  from asvd.models import pixel_codec  # noqa: PLC0415
+
+  cfg = asvd.load_config("configs/panworld.py")
+  codec = pixel_codec.from_config(cfg)
+  hw = tuple(int(n) for n in cfg.rollout.latent_hw)
+  n = hw[0] * codec.patch  # frame size in pixels
   lat = np.load(tmp_path / "a" / "latents.npy")
-  assert lat.shape == (1, 6, 8, 8, 48)
+  assert lat.shape == (1, 6, *hw, codec.latent_channels)
+  px = codec.to_uint8(lat)[0]
+  sheet = iio.imread(tmp_path / "a" / "frames.png")  # lossless: frame k, 4x, row by row, 2-pixel gaps
+  np.testing.assert_array_equal(sheet[: 4 * n, : 4 * n], video.upscale(px[:1], 4)[0])
+  np.testing.assert_array_equal(sheet[: 4 * n, 4 * n + 2 : 8 * n + 2], video.upscale(px[1:2], 4)[0])
   # Another caption, same seed: another context, another video (the prompt reaches the model).
   assert generate("b", "--prompt", "camera pans up slowly over a sandy desert").returncode == 0
   assert np.abs(np.load(tmp_path / "b" / "latents.npy") - lat).mean() > 1e-3
@@ -182,12 +203,15 @@ def test_generate_writes_pixel_video_without_a_vae(tmp_path):
   assert p.returncode == 2 and "--prompt" in p.stderr and "'a purple swamp'" in p.stderr and "Traceback" not in p.stderr
   p = subprocess.run([sys.executable, "-m", "asvd.main", "generate", "--config", "configs/tiny.py", "--init", "random", "--prompt", left, "--out", str(tmp_path / "d")], capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert p.returncode == 2 and "--prompt needs --weights" in p.stderr and "configs/panworld.py" in p.stderr
-  frames = video.read_frames(str(tmp_path / "a" / "video.mp4"), (32, 32))
-  want = PixelCodec(4).to_uint8(lat)[0]
-  assert frames.shape == want.shape == (6, 32, 32, 3)
-  # mp4 (yuv420) blurs pixel noise: compare the grey level of each latent's 4x4 patch.
+  # video.mp4 is upscaled (nearest neighbour): its UP x UP blocks are the pixels.
+  big = video.read_frames(str(tmp_path / "a" / "video.mp4"), (UP * n, UP * n))
+  frames = big.astype(float).reshape(6, n, UP, n, UP, 3).mean((2, 4))
+  assert frames.shape == px.shape == (6, n, n, 3)
+  # mp4 (yuv420) blurs pixel noise: compare the grey level of each latent's patch.
+  p_ = codec.patch
+
   def patches(x):
-    return x.astype(float).mean(-1).reshape(6, 8, 4, 8, 4).mean((2, 4)).ravel()
+    return x.astype(float).mean(-1).reshape(6, hw[0], p_, hw[1], p_).mean((2, 4)).ravel()
 
   # measured 0.98; patches put in the wrong places 0.11 (the layout inside a patch: the codec test)
-  assert np.corrcoef(patches(frames), patches(want))[0, 1] > 0.9
+  assert np.corrcoef(patches(frames), patches(px))[0, 1] > 0.9

@@ -138,6 +138,9 @@ def test_workdir_with_another_config_is_refused(trained, tmp_path):
   shutil.copytree(trained, work)
   p = subprocess.run([*TRAIN, "--workdir", str(work), "--config.train.horizon_alpha=4.0"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 2 and "train.horizon_alpha" in p.stderr
+  # Other stages (and more steps) are the same run going on, not another config.
+  p = subprocess.run([*TRAIN, "--workdir", str(work), "--config.train.stages=('dmd',)"], capture_output=True, text=True, env=ENV)
+  assert p.returncode == 0 and "dmd:" in p.stdout, p.stderr[-2000:]
 
 
 def test_workdir_holding_user_files_is_refused(tmp_path):

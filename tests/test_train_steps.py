@@ -35,6 +35,48 @@ def test_teacher_and_causal_init_losses_decrease(tiny):
   assert_decreasing(run_fixed_key(step, state, 4, batch, frozen))
 
 
+def test_a_stage_may_have_its_own_adam_momentum(tiny):
+  """`train.<stage>.b1` (None: `train.optimizer.b1`) sets that stage's Adam momentum only."""
+  cfg, _, _ = tiny
+  params = {"w": jnp.ones(3)}
+  grads = [{"w": jnp.asarray([1.0, -2.0, 3.0])}, {"w": jnp.asarray([-3.0, 1.0, 0.5])}]
+
+  def second_update(tx):
+    state = tx.init(params)
+    for g in grads:
+      u, state = tx.update(g, state, params)
+    return np.asarray(u["w"])
+
+  c = cfg.copy_and_resolve_references()
+  c.train.teacher.b1 = 0.9
+  want = c.train.optimizer.copy_and_resolve_references()
+  want.b1 = 0.9
+  np.testing.assert_allclose(second_update(trainer._optimizer(c, "teacher")), second_update(st.optimizer(c.train.teacher.lr, want)), rtol=1e-6)
+  assert cfg.train.optimizer.b1 == 0.0 and c.train.causal_init.b1 is None
+  assert np.abs(second_update(trainer._optimizer(c, "teacher")) - second_update(trainer._optimizer(cfg, "teacher"))).max() > 1e-4
+  np.testing.assert_allclose(second_update(trainer._optimizer(c, "causal_init")), second_update(st.optimizer(c.train.causal_init.lr, cfg.train.optimizer)), rtol=1e-6)
+
+
+def test_frame_noise_gives_each_frame_its_own_sigma():
+  """`frame_noise_prob`: the samples it picks see one noise level per frame (the input is
+  `(1 - s) x0 + s eps` frame by frame, the timestep `1000 s`), the others one per sample."""
+  x0 = jax.random.normal(jax.random.key(0), (64, 5, 2, 2, 3))
+  seen = {}
+
+  def predict(x_t, t):
+    seen["x"], seen["t"] = x_t, t
+    return jnp.zeros_like(x_t)
+
+  for p in (0.0, 0.5, 1.0):
+    losses.flow_matching_loss(predict, x0, jax.random.key(1), 1.0, p)
+    t = np.asarray(seen["t"])
+    per_frame = t.max(1) - t.min(1) > 1e-3
+    assert per_frame.mean() == {0.0: 0.0, 1.0: 1.0}.get(p, per_frame.mean()) and (p != 0.5 or 0.3 < per_frame.mean() < 0.7), p
+    s = (t / 1000.0)[:, :, None, None, None]
+    eps = (np.asarray(seen["x"]) - (1 - s) * np.asarray(x0)) / s  # the noise, recovered frame by frame
+    assert abs(eps.std() - 1.0) < 0.1 and abs(np.corrcoef(eps.ravel(), np.asarray(x0).ravel())[0, 1]) < 0.05
+
+
 def test_teacher_text_dropout_trains_the_unconditional_prediction(tiny):
   """`train.teacher.text_dropout`: a dropped sample's text is the zeros CFG uses as its
   unconditional text. Dropping (almost) always, the loss no longer depends on the text; with the

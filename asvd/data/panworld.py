@@ -174,10 +174,11 @@ def _value_noise(y: np.ndarray, x: np.ndarray, cell: int, seed: int, salt: int) 
   return top + (bottom - top) * sy
 
 
-def render_world(y: np.ndarray, x: np.ndarray, biome: str, seed: int, scale: float = 1.0) -> np.ndarray:
+def render_world(y: np.ndarray, x: np.ndarray, biome: str, seed: int, scale: float = 1.0, texture: float = 0.3) -> np.ndarray:
   """RGB float32 `[..., 3]` in [0, 255] of the world at integer pixel coordinates `y`, `x`.
 
-  `scale` sizes the world's structures in pixels (1.0 suits views of about 32-64 pixels)."""
+  `scale` sizes the world's structures in pixels (1.0 suits views of about 32-64 pixels);
+  `texture` is the amplitude of a fine (2-pixel) brightness texture over everything (0: none)."""
   low, high, feat, density, radius = BIOMES[biome]
   y, x = np.asarray(y, np.int64), np.asarray(x, np.int64)
   cells = [max(2, round(c * scale)) for c in (16, 8, 4)]
@@ -197,7 +198,7 @@ def render_world(y: np.ndarray, x: np.ndarray, biome: str, seed: int, scale: flo
       cy = ny * cell + _hash(ny, nx, seed, 11) * cell
       cx = nx * cell + _hash(ny, nx, seed, 12) * cell
       mask |= present & ((y - cy) ** 2 + (x - cx) ** 2 <= r * r)
-  shade = 0.85 + 0.3 * _value_noise(y, x, 2, seed, 13)[..., None]  # a little texture everywhere
+  shade = 1.0 - 0.5 * texture + texture * _value_noise(y, x, 2, seed, 13)[..., None]  # fine texture
   rgb = np.where(mask[..., None], np.asarray(feat, np.float32), rgb) * shade
   return np.clip(rgb, 0, 255).astype(np.float32)
 
@@ -227,16 +228,17 @@ def _draw_object(frame: np.ndarray, spec: ClipSpec, t: int) -> None:
   frame[m] = COLORS[spec.color]
 
 
-def render_clip(spec: ClipSpec, frames: int, height: int, width: int, *, first: int = 0, speeds: dict | None = None, scale: float = 1.0) -> np.ndarray:
+def render_clip(spec: ClipSpec, frames: int, height: int, width: int, *, first: int = 0, speeds: dict | None = None, scale: float = 1.0, texture: float = 0.3) -> np.ndarray:
   """uint8 `[frames, height, width, 3]`: frames `first .. first + frames - 1` of the clip (any
-  window of an endless clip renders the same pixels as the whole)."""
+  window of an endless clip renders the same pixels as the whole); `scale`, `texture`: the
+  world's look (`render_world`)."""
   dy, dx = spec.velocity(speeds)
   iy, ix = np.mgrid[0:height, 0:width]
   out = np.empty((frames, height, width, 3), np.uint8)
   for k in range(frames):
     t = first + k
     y0, x0 = spec.start[0] + dy * t, spec.start[1] + dx * t
-    img = render_world(iy + y0, ix + x0, spec.biome, spec.seed, scale)
+    img = render_world(iy + y0, ix + x0, spec.biome, spec.seed, scale, texture)
     if spec.obj is not None:
       _draw_object(img, spec, t)
     out[k] = np.round(img).astype(np.uint8)
@@ -288,11 +290,15 @@ class PanWorldConfig(tfds.core.BuilderConfig):
   clips: int = 512
   seed: int = 0
   object_prob: float = 0.5
+  scale: float = 1.0  # the world's look (render_world)
+  texture: float = 0.3
 
 
-def config_for(frames: int, height: int, width: int, clips: int, seed: int, object_prob: float = 0.5) -> PanWorldConfig:
+def config_for(frames: int, height: int, width: int, clips: int, seed: int, object_prob: float = 0.5, scale: float = 1.0, texture: float = 0.3) -> PanWorldConfig:
   name = f"f{frames}_h{height}_w{width}_n{clips}_s{seed}_o{round(100 * object_prob)}"
-  return PanWorldConfig(name=name, frames=frames, height=height, width=width, clips=clips, seed=seed, object_prob=object_prob)
+  if (scale, texture) != (1.0, 0.3):
+    name += f"_x{scale:g}_t{texture:g}"
+  return PanWorldConfig(name=name, frames=frames, height=height, width=width, clips=clips, seed=seed, object_prob=object_prob, scale=scale, texture=texture)
 
 
 class PanWorld(tfds.core.GeneratorBasedBuilder):
@@ -329,7 +335,7 @@ class PanWorld(tfds.core.GeneratorBasedBuilder):
     for i in range(c.clips):
       spec = sample_spec(rng, c.object_prob)
       yield i, {
-        "video": render_clip(spec, c.frames, c.height, c.width),
+        "video": render_clip(spec, c.frames, c.height, c.width, scale=c.scale, texture=c.texture),
         "caption": spec.caption,
         "velocity": np.asarray(spec.velocity(), np.float32),
         "world_seed": spec.seed,
@@ -422,6 +428,12 @@ class TrainingSource:
     return {"latents": self._codec.encode(px)[0], "text": self._table[caption], "caption": caption, "velocity": ex["velocity"], "index": ex["index"]}
 
 
+def world(config) -> dict:
+  """`{"scale", "texture"}`: the world's look of a config's PanWorld data (`train.data`)."""
+  d = config.train.data
+  return {"scale": float(d.get("world_scale", 1.0)), "texture": float(d.get("world_texture", 0.3))}
+
+
 def training_source(config, latent_hw, data_dir: str) -> TrainingSource:
   """The `train.data.name="panworld"` source: clips of `train.data.frames` frames at
   `latent_hw x pipeline.pixel_patch` pixels (generated once under `data_dir`), encoded by the
@@ -436,7 +448,7 @@ def training_source(config, latent_hw, data_dir: str) -> TrainingSource:
   patch = codec.patch
   if codec.latent_channels != int(m.in_channels):
     raise UsageError(f"pipeline.pixel_patch={patch} gives {codec.latent_channels}-channel latents, model.in_channels={m.in_channels}")
-  cfg = config_for(int(d.frames), int(latent_hw[0]) * patch, int(latent_hw[1]) * patch, int(d.clips), int(d.seed), float(d.get("object_prob", 0.5)))
+  cfg = config_for(int(d.frames), int(latent_hw[0]) * patch, int(latent_hw[1]) * patch, int(d.clips), int(d.seed), float(d.get("object_prob", 0.5)), **world(config))
   builder = PanWorld(config=cfg, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare()
   return TrainingSource(builder.as_data_source(split=d.get("split", "train")), codec, caption_table(config, data_dir))
@@ -444,5 +456,5 @@ def training_source(config, latent_hw, data_dir: str) -> TrainingSource:
 
 __all__ = [
   "BIOMES", "COLORS", "DIRECTIONS", "OBJECTS", "SPEEDS", "ClipSpec", "PanWorld", "PanWorldConfig", "all_captions",
-  "TrainingSource", "build_tokenizer", "caption_table", "config_for", "embed_prompts", "text_path", "training_source", "vocabulary", "measure_shift", "parse_caption", "render_clip", "render_world", "sample_spec",
+  "TrainingSource", "build_tokenizer", "caption_table", "config_for", "embed_prompts", "world", "text_path", "training_source", "vocabulary", "measure_shift", "parse_caption", "render_clip", "render_world", "sample_spec",
 ]  # fmt: skip

@@ -25,7 +25,7 @@ def noised(x0, eps, sigma_b):
   return (1.0 - s) * x0 + s * eps
 
 
-def flow_matching_loss(predict, x0, key: jax.Array, shift: float):
+def flow_matching_loss(predict, x0, key: jax.Array, shift: float, frame_noise_prob: float = 0.0):
   """Mean squared error of the flow (`eps - x0`) at a random shifted sigma per sample.
 
   Args:
@@ -33,12 +33,19 @@ def flow_matching_loss(predict, x0, key: jax.Array, shift: float):
     x0: clean latents `[B, F, H, W, C]`.
     key: randomness (sigma and eps).
     shift: the sigma shift.
+    frame_noise_prob: the share of samples whose frames each get their own sigma (Diffusion
+      Forcing's noise): cleaner frames beside noisier ones, so the model learns early to carry
+      content from frame to frame (motion); the others share one sigma, as sampling does.
   """
-  k1, k2 = jax.random.split(key)
+  k1, k2, k3, k4 = jax.random.split(key, 4)
   b, f = x0.shape[:2]
-  sigma = shifted_sigma(k1, (b,), shift)
+  sigma_bf = jnp.broadcast_to(shifted_sigma(k1, (b,), shift)[:, None], (b, f))
+  if frame_noise_prob > 0:
+    own = jax.random.bernoulli(k4, frame_noise_prob, (b,))
+    sigma_bf = jnp.where(own[:, None], shifted_sigma(k3, (b, f), shift), sigma_bf)
   eps = jax.random.normal(k2, x0.shape, jnp.float32)
-  v = predict(noised(x0, eps, sigma), jnp.broadcast_to(1000.0 * sigma[:, None], (b, f)))
+  s = sigma_bf.reshape(b, f, *([1] * (x0.ndim - 2)))
+  v = predict((1.0 - s) * x0 + s * eps, 1000.0 * sigma_bf)
   return jnp.mean(jnp.square(v.astype(jnp.float32) - (eps - x0)))
 
 

@@ -88,9 +88,11 @@ def _flow_fn(graphdef, params, frozen=None):
 def teacher_step(graphdef, tx, cfg):
   """Flow matching of the bidirectional teacher on `H`-frame clips. With probability
   `train.teacher.text_dropout` a sample's text is replaced by zeros (the unconditional text the
-  CFG of the ODE initialisation and of DMD uses), so the teacher learns both predictions."""
+  CFG of the ODE initialisation and of DMD uses), so the teacher learns both predictions; with
+  probability `train.teacher.frame_noise_prob` a sample's frames each get their own sigma."""
   h, shift = int(cfg.train.horizon_frames), float(cfg.sampler.shift)
   p_drop = float(cfg.train.teacher.get("text_dropout", 0.0))
+  p_frame = float(cfg.train.teacher.get("frame_noise_prob", 0.0))
 
   def step(state: TrainState, batch, frozen: Frozen | None = None):
     frozen = frozen or Frozen()
@@ -103,7 +105,7 @@ def teacher_step(graphdef, tx, cfg):
 
     def loss_fn(p):
       f = _flow_fn(graphdef, p, frozen.generator)
-      return losses.flow_matching_loss(lambda xt, t: f(xt, t, text), x0, sub, shift)
+      return losses.flow_matching_loss(lambda xt, t: f(xt, t, text), x0, sub, shift, p_frame)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     params, opt_state, m = _apply(tx, grads, state.opt_state, state.params, "model")

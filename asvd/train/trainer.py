@@ -132,7 +132,8 @@ def _check_workdir(workdir: str, cfg, *, write: bool = True) -> None:
     with open(path) as f:
       theirs = json.load(f)
     diff = sorted(_diff(theirs, mine))
-    changed = [k for k in diff if not k.endswith(".steps")]  # more steps may be asked for on resume
+    # More steps may be asked for on resume, and a run may go on with its next stages.
+    changed = [k for k in diff if not k.endswith(".steps") and k != "train.stages"]
     if changed:
       raise UsageError(f"--workdir {workdir} holds a run with another config ({', '.join(changed[:6])} differ); use a new --workdir")
   if not write:
@@ -229,7 +230,11 @@ def _optimizer(cfg, stage, which="generator"):
     lr = t.dmd.generator_lr if which == "generator" else t.dmd.critic_lr
   else:
     lr = t[stage].lr
-  return st.optimizer(lr, t.optimizer)
+  opt = t.optimizer
+  if t[stage].get("b1") is not None:  # the stage's own momentum
+    opt = opt.copy_and_resolve_references()
+    opt.b1 = float(t[stage].b1)
+  return st.optimizer(lr, opt)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,6 +409,10 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
             tb.write_scalars(step, m)
         if sampler is not None and step % int(t.sample_every) == 0:
           video = sampler(state.ema if stage == "dmd" else state.params)
+          if sampler.metrics and lead:  # PanWorld: the sample's measured camera speed
+            log.write({"stage": stage, "step": step, **sampler.metrics})
+            if tb is not None:
+              tb.write_scalars(step, sampler.metrics)
         if tb is not None and sampler is not None and step % int(t.sample_every) == 0:
           os.makedirs(os.path.join(sdir, "samples"), exist_ok=True)
           write_mp4([video], os.path.join(sdir, "samples", f"step_{step:06d}.mp4"), fps=int(cfg.pipeline.fps))
@@ -447,7 +456,11 @@ class _Sampler:
 
     self.cfg, self.stage, self.lay, self.graphdef, self.gen_frozen = cfg, stage, lay, graphdef, gen_frozen
     self.mesh, self.rules = mesh, rules
-    self.text = jnp.asarray(data_source(cfg, lay.latent_hw, data_dir)[0]["text"], jnp.float32)[None]
+    first = data_source(cfg, lay.latent_hw, data_dir)[0]
+    self.text = jnp.asarray(first["text"], jnp.float32)[None]
+    # PanWorld: the caption's camera motion, to measure the sample's (`sample/speed`).
+    self.caption = first.get("caption") if isinstance(first, dict) else None
+    self.metrics: dict[str, float] = {}
     self.key = jax.random.PRNGKey(int(cfg.train.seed))
     if stage == "teacher":
       c, shift = cfg.train.causal_init, float(cfg.sampler.shift)
@@ -476,7 +489,12 @@ class _Sampler:
 
     codec = pixel_codec.from_config(self.cfg)
     if codec is not None:  # pixel space (PanWorld): the exact decode, 4x upscaled to look at
-      return codec.to_uint8(lat[None])[0].repeat(4, axis=1).repeat(4, axis=2)
+      frames = codec.to_uint8(lat[None])[0]
+      if self.caption:
+        from asvd.eval import motion  # noqa: PLC0415
+
+        self.metrics = motion.sample_motion(frames, self.caption)
+      return frames.repeat(4, axis=1).repeat(4, axis=2)
     return preview(lat)
 
 

@@ -1,0 +1,159 @@
+"""Motion metrics of generated PanWorld videos, measured against the caption's true camera motion.
+
+PanWorld's camera moves a known number of pixels per frame (`asvd.data.panworld`), so how much of
+the commanded motion a generator keeps can be measured rather than judged. Per video and per
+segment of `H` frames (the training horizon):
+
+* `speed`: the scene's measured shift per frame (orientation correlation, `measure_shift`, median
+  over the segment's frame pairs) projected on the commanded one and divided by its length: 1 is
+  the caption's speed, 0 a still camera, < 0 the wrong way.
+* `motion`: the measured shift's length in pixels per frame, whatever its direction (a
+  continuous motion magnitude).
+* `dynamic`: VBench's dynamic degree with block matching in place of RAFT flow: a frame pair
+  moves when its fastest 5% of 4 x 4 blocks (the "top" of the flow, `block_motion`) move more than
+  `DYNAMIC_PX`; a video is dynamic when at least a quarter of its pairs move; the table gives the
+  share of dynamic videos.
+* `freeze`: the share of frame pairs that changed less than `FREEZE_FRACTION` of what real
+  PanWorld frames of the same caption change (mean absolute difference).
+* `drift_start` / `drift_data`: the distance between frame statistics (mean and standard
+  deviation of each colour channel, mean gradient magnitude; all on a 0..1 scale) of the segment
+  and of the first segment, and of real PanWorld clips of the same caption. A video that slowly
+  turns to grey or noise drifts: its pixels change, but it is not motion, and these two columns
+  say so where `motion` alone could not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from asvd.data import panworld
+
+DYNAMIC_PX = 0.5  # a block moving more than this (pixels per frame) makes its frame pair move
+DYNAMIC_SHARE = 0.25  # a video is dynamic when at least this share of its pairs move
+FREEZE_FRACTION = 0.1  # a pair is frozen below this fraction of real frames' change
+
+
+def frame_shifts(frames_thwc: np.ndarray) -> np.ndarray:
+  """float `[T - 1, 2]`: the scene's `(dy, dx)` shift between consecutive frames."""
+  return np.asarray([panworld.measure_shift(frames_thwc[i], frames_thwc[i + 1]) for i in range(len(frames_thwc) - 1)], np.float64)
+
+
+def block_motion(frames_thwc: np.ndarray, block: int = 4, search: int = 3, keep: float = 0.5, top: float = 0.05) -> np.ndarray:
+  """float `[T - 1]`: per frame pair, the mean motion of its fastest `top` share of blocks.
+
+  A block-matching flow: each `block x block` block of the later frame is matched in the earlier
+  one over integer displacements up to `search` pixels (mean absolute grey difference, ties to
+  the shorter displacement). A block moves only when its best match leaves at most `keep` of the
+  difference a still block would (so a noisy or flat block stays put). The mean of the fastest
+  `top` share is VBench's "top of the flow" on frames this small: a small moving object counts
+  even when the background is still.
+  """
+  x = np.asarray(frames_thwc, np.float64).mean(-1)  # [T, H, W] grey
+  t, h, w = x.shape
+  hb, wb = h // block, w // block
+  pad = np.pad(x, ((0, 0), (search, search), (search, search)), mode="edge")
+  disp = sorted(((dy, dx) for dy in range(-search, search + 1) for dx in range(-search, search + 1)), key=lambda d: np.hypot(*d))
+  costs = np.empty((len(disp), t - 1, hb, wb))
+  for i, (dy, dx) in enumerate(disp):  # b[y, x] ~ a[y - dy, x - dx]; disp[0] is (0, 0)
+    a = pad[:-1, search - dy : search - dy + h, search - dx : search - dx + w]
+    costs[i] = np.abs(x[1:] - a)[:, : hb * block, : wb * block].reshape(t - 1, hb, block, wb, block).mean((2, 4))
+  best = np.argmin(costs, axis=0)  # the first minimum: the shortest displacement among ties
+  moved = np.take_along_axis(costs, best[None], 0)[0] <= keep * costs[0]
+  mag = np.where(moved, np.hypot(*np.asarray(disp, np.float64).T)[best], 0.0).reshape(t - 1, -1)
+  k = max(1, int(np.ceil(top * mag.shape[1])))
+  return np.sort(mag, axis=1)[:, -k:].mean(1)
+
+
+def frame_stats(frames_thwc: np.ndarray) -> np.ndarray:
+  """float `[7]`: mean and std of each colour channel and the mean gradient magnitude (0..1)."""
+  x = np.asarray(frames_thwc, np.float64) / 255.0
+  gy, gx = np.gradient(x.mean(-1), axis=(1, 2))
+  return np.concatenate([x.mean((0, 1, 2)), x.std((0, 1, 2)), [np.hypot(gy, gx).mean()]])
+
+
+def mean_abs_change(frames_thwc: np.ndarray) -> np.ndarray:
+  """float `[T - 1]`: mean absolute difference of consecutive frames (0..255)."""
+  x = np.asarray(frames_thwc, np.float64)
+  return np.abs(np.diff(x, axis=0)).mean((1, 2, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """What real PanWorld videos of one caption look like: frame statistics and frame change."""
+
+  stats: np.ndarray  # [7], as frame_stats
+  change: float  # mean absolute difference of consecutive frames
+
+  @classmethod
+  def of_caption(cls, caption: str, frames: int, height: int, width: int, *, clips: int = 8, seed: int = 0, scale: float = 1.0, texture: float = 0.3) -> Reference:
+    """Renders `clips` clips of `caption` (random worlds and starts; `scale`, `texture`: the
+    world's look, as the model's training data) and measures them."""
+    base = panworld.parse_caption(caption)
+    rng = np.random.default_rng(seed)
+    vids = []
+    for _ in range(clips):
+      s = panworld.sample_spec(rng, object_prob=1.0 if base.obj else 0.0)
+      spec = dataclasses.replace(s, direction=base.direction, speed=base.speed, biome=base.biome, color=base.color, obj=base.obj)
+      vids.append(panworld.render_clip(spec, frames, height, width, scale=scale, texture=texture))
+    return cls(np.mean([frame_stats(v) for v in vids], axis=0), float(np.mean([mean_abs_change(v).mean() for v in vids])))
+
+
+def segment_metrics(frames_thwc: np.ndarray, velocity, first_thwc: np.ndarray, ref: Reference) -> dict:
+  """The metrics of one segment of one video (module docstring).
+
+  Args:
+    frames_thwc: uint8 `[T, H, W, 3]`, the segment.
+    velocity: the caption's camera `(dy, dx)` in pixels per frame (the scene moves by `-v`).
+    first_thwc: the video's first segment (for `drift_start`).
+    ref: real clips of the same caption.
+  """
+  v = -np.asarray(velocity, np.float64)
+  shifts = frame_shifts(frames_thwc)
+  speed = float(np.median(shifts @ v) / (v @ v))
+  moving = block_motion(frames_thwc) > DYNAMIC_PX
+  st = frame_stats(frames_thwc)
+  return {
+    "speed": speed,
+    "motion": float(np.median(np.hypot(shifts[:, 0], shifts[:, 1]))),
+    "dynamic": float(moving.mean() >= DYNAMIC_SHARE),
+    "freeze": float((mean_abs_change(frames_thwc) < FREEZE_FRACTION * ref.change).mean()),
+    "drift_start": float(np.abs(st - frame_stats(first_thwc)).mean()),
+    "drift_data": float(np.abs(st - ref.stats).mean()),
+  }
+
+
+def segments(total: int, horizon: int, multiples) -> dict[str, tuple[int, int]]:
+  """`{"1x": (start, end), "2.4x": ...}`: the `horizon` frames ending at `round(m * horizon)`."""
+  out = {}
+  for m in multiples:
+    end = round(float(m) * horizon)
+    if end > total:
+      raise ValueError(f"a {m}x segment ends at frame {end}, past the {total} frames generated")
+    out[f"{float(m):g}x"] = (max(0, end - horizon), end)
+  return out
+
+
+def video_metrics(frames_thwc: np.ndarray, caption: str, horizon: int, multiples, ref: Reference) -> dict[str, dict]:
+  """`{segment: metrics}` of one video of `caption` at each multiple of the horizon."""
+  velocity = panworld.parse_caption(caption).velocity()
+  first = frames_thwc[:horizon]
+  return {k: segment_metrics(frames_thwc[a:b], velocity, first, ref) for k, (a, b) in segments(len(frames_thwc), horizon, multiples).items()}
+
+
+def sample_motion(frames_thwc: np.ndarray, caption: str) -> dict[str, float]:
+  """`{"sample/speed", "sample/motion"}` of one whole video of `caption` (what the trainer logs
+  for its PanWorld samples): measured speed / commanded, and shift length in pixels per frame."""
+  v = -np.asarray(panworld.parse_caption(caption).velocity(), np.float64)
+  shifts = frame_shifts(frames_thwc)
+  return {"sample/speed": float(np.median(shifts @ v) / (v @ v)), "sample/motion": float(np.median(np.hypot(shifts[:, 0], shifts[:, 1])))}
+
+
+METRICS = ("speed", "motion", "dynamic", "freeze", "drift_start", "drift_data")
+
+
+def aggregate(per_video: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
+  """Mean over videos of each metric at each segment."""
+  segs = per_video[0].keys()
+  return {s: {m: float(np.mean([v[s][m] for v in per_video])) for m in METRICS} for s in segs}

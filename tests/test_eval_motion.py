@@ -1,0 +1,103 @@
+"""`asvd eval motion` (asvd/eval/report.py) end to end on small random-weight models, one per
+anchor mode: the table, the claim lines and the plots are written; real clips (the `data` row)
+score the captions' speed; bad flags are one line before any model loads."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import asvd
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+SMALL = ["--config.model.dim=32", "--config.model.ffn_dim=64", "--config.model.num_layers=1", "--config.model.freq_dim=32"]
+
+
+def _asvd(*args):
+  return subprocess.run([sys.executable, "-m", "asvd.main", *args], capture_output=True, text=True, env=ENV)
+
+
+def test_eval_motion_writes_the_table_and_plots(tmp_path):
+  cfg = asvd.load_config("configs/panworld.py", SMALL)
+  models = tmp_path / "models"
+  for i, mode in enumerate(("adaptive", "sink")):
+    asvd.save_dit(asvd.init_dit(cfg.model, jax.random.key(i)), models / mode)
+  out = tmp_path / "ev"
+  p = _asvd("eval", "motion", "--models", str(models), "--modes", "adaptive,sink", "--prompts", "2", "--multiples", "1,2", "--out", str(out), *SMALL)
+  assert p.returncode == 0, p.stderr[-2000:]
+  res = json.loads((out / "eval.json").read_text())
+  rows = res["metrics"]["rows"]
+  assert set(rows) == {"data", "adaptive", "sink"} and set(rows["data"]) == {"1x", "2x"}
+  for seg in ("1x", "2x"):  # real clips: the caption's speed, moving, no freeze, no drift
+    d = rows["data"][seg]
+    assert d["speed"] == pytest.approx(1.0, abs=0.1) and d["freeze"] == 0.0 and d["dynamic"] == 1.0 and d["drift_data"] < 0.05
+  # Random weights generate noise, not a pan: far from the data's statistics and its motion.
+  for m in ("adaptive", "sink"):
+    assert rows[m]["2x"]["drift_data"] > 3 * rows["data"]["2x"]["drift_data"] and abs(rows[m]["2x"]["motion"] - rows["data"]["2x"]["motion"]) > 1.0, rows[m]
+  assert set(res["anchor_share_last_chunk"]) == {"adaptive", "sink"}
+  assert [c["text"].split(",")[0] for c in res["claim"]] == ["at 2x", "at 2x", "adaptive's attention share on the anchor slot is below sink's (last chunk)"]
+  for f in ("eval.md", "speed.png", "anchor_share.png", "attention_adaptive.png", "attention_sink.png", "frames_adaptive.png", "frames_sink.png"):
+    assert (out / f).stat().st_size > 0, f
+  md = (out / "eval.md").read_text()
+  assert "| adaptive | 2x |" in md and "| data | 1x |" in md and "The paper's claim" in md
+  # Bad flags and missing models: one line each, before any model loads.
+  for args, word in (
+    (["--modes", "adaptive,anchorless"], "--modes"),
+    (["--multiples", "0.5,2"], "--multiples"),
+    (["--models", str(models), "--modes", "ema"], "no checkpoint folder for ema"),
+    (["--models", str(tmp_path / "nowhere")], "--models"),
+  ):
+    p = _asvd("eval", "motion", *args, "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and word in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-500:])
+
+
+def test_generate_with_no_flag_runs_the_bundled_model(tmp_path, monkeypatch, capsys):
+  """No flag at all: the bundled adaptive model (here a random one in a scratch bundle folder),
+  the default caption, 6x the training horizon, into out/panworld; `--bundled MODE` picks
+  another mode, and a missing one is one line saying how to train it."""
+  from asvd import bundled, main  # noqa: PLC0415
+
+  root = tmp_path / "bundle"
+  cfg = bundled.config_for("adaptive")
+  asvd.save_dit(asvd.init_dit(cfg.model, jax.random.key(0)), root / "adaptive")
+  monkeypatch.setattr(bundled, "ROOT", str(root))
+  monkeypatch.chdir(tmp_path)
+  assert main.run(["generate"]) == 0
+  out = tmp_path / "out" / "panworld"
+  rec = json.loads((out / "generate.json").read_text())
+  assert rec["prompt"] == bundled.DEFAULT_PROMPT and rec["checkpoint"] == str(root / "adaptive")
+  assert "--config.rollout.anchor=adaptive" in rec["overrides"]
+  h, f = int(cfg.train.horizon_frames), int(cfg.rollout.chunk_frames)
+  assert rec["shape"][1] == -(-bundled.HORIZON_MULTIPLE * h // f) * f >= bundled.HORIZON_MULTIPLE * h
+  assert (out / "video.mp4").stat().st_size > 0 and (out / "frames.png").stat().st_size > 0
+  assert "out/panworld" in capsys.readouterr().out
+  assert main.run(["generate", "--bundled", "sink"]) == 2
+  err = capsys.readouterr().err
+  assert "bundled sink model is missing" in err and "launch/panworld_bundle.py" in err
+  assert main.run(["generate", "--bundled", "sink", "--init", "random"]) == 2
+  assert "--bundled runs a bundled model" in capsys.readouterr().err
+
+
+def test_panworld_training_logs_its_samples_camera_speed(tmp_path):
+  """A PanWorld teacher run logs `sample/speed` and `sample/motion` with each sample video,
+  measured on the decoded frames against the sampled caption (the dataset's first); the
+  world's look (`train.data.world_scale` / `world_texture`) names its own dataset."""
+  work = tmp_path / "run"
+  data = tmp_path / "data"
+  p = _asvd(
+    "train", "--config", "configs/panworld.py", "--workdir", str(work), "--no-progress", *SMALL,
+    "--config.train.stages=('teacher',)", "--config.train.teacher.steps=2", "--config.train.sample_every=2",
+    "--config.train.data.clips=8", "--config.train.causal_init.ode_steps=2", f"--config.train.data.data_dir={data}",
+    "--config.train.data.world_scale=1.5", "--config.train.data.world_texture=0.0",
+  )  # fmt: skip
+  assert p.returncode == 0, p.stderr[-2000:]
+  recs = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+  samples = [r for r in recs if "sample/speed" in r]
+  assert len(samples) == 1 and samples[0]["step"] == 2 and np.isfinite(samples[0]["sample/motion"])
+  assert [r["step"] for r in recs if "loss" in r] == [1, 2]
+  assert [d.name for d in (data / "pan_world").iterdir() if not d.name.startswith(".")] == ["f12_h16_w16_n8_s0_o50_x1.5_t0"]
+  assert (work / "teacher" / "samples" / "step_000002.mp4").stat().st_size > 0

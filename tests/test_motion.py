@@ -1,0 +1,85 @@
+"""The motion metrics of `asvd eval motion` (asvd/eval/motion.py) on videos whose motion is known:
+real PanWorld clips score the caption's speed, a frozen video none, a reversed one the opposite,
+a video that fades away drifts without moving, and VBench-style dynamic degree and freeze tell
+moving from still."""
+
+import numpy as np
+import pytest
+
+from asvd.data import panworld as pw
+from asvd.eval import motion
+
+H = 9
+
+
+def _clip(caption: str, frames: int = 3 * H, seed: int = 0):
+  base = pw.parse_caption(caption)
+  spec = pw.ClipSpec(base.direction, base.speed, base.biome, base.color, base.obj, seed=seed, start=(50 * seed, -30 * seed))
+  return pw.render_clip(spec, frames, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def ref():
+  return motion.Reference.of_caption("camera pans left quickly over a snowy forest", H, 32, 32, clips=4)
+
+
+def test_real_clips_score_the_captions_speed_and_no_freeze_or_drift(ref):
+  cap = "camera pans left quickly over a snowy forest"
+  m = motion.video_metrics(_clip(cap, seed=3), cap, H, (1, 2, 3), ref)
+  for seg in ("1x", "2x", "3x"):
+    assert m[seg]["speed"] == pytest.approx(1.0, abs=0.05), m
+    assert m[seg]["motion"] == pytest.approx(2.0, abs=0.1)  # "quickly": 2 pixels per frame
+    assert m[seg]["dynamic"] == 1.0 and m[seg]["freeze"] == 0.0
+    assert m[seg]["drift_data"] < 0.03 and m[seg]["drift_start"] < 0.03, m  # same biome: same statistics
+  # Every direction and both speeds (the projection on the commanded motion, not its length).
+  for cap2 in ("camera pans up slowly over a sandy desert", "camera pans down quickly over a green meadow, a red ball bounces", "camera pans right slowly over a rocky canyon"):
+    r2 = motion.Reference.of_caption(cap2, H, 32, 32, clips=2)
+    assert motion.video_metrics(_clip(cap2, seed=1), cap2, H, (1,), r2)["1x"]["speed"] == pytest.approx(1.0, abs=0.1), cap2
+
+
+def test_sample_motion_of_a_whole_video():
+  cap = "camera pans up quickly over a green meadow, a red ball bounces"
+  m = motion.sample_motion(_clip(cap, frames=H, seed=2), cap)
+  assert m["sample/speed"] == pytest.approx(1.0, abs=0.05) and m["sample/motion"] == pytest.approx(2.0, abs=0.1)
+  assert motion.sample_motion(_clip(cap, frames=H, seed=2)[::-1].copy(), cap)["sample/speed"] == pytest.approx(-1.0, abs=0.05)
+
+
+def test_frozen_reversed_and_fading_videos(ref):
+  cap = "camera pans left quickly over a snowy forest"
+  v = _clip(cap, seed=5)
+  frozen = np.repeat(v[:1], len(v), axis=0)
+  m = motion.video_metrics(frozen, cap, H, (1, 3), ref)["3x"]
+  assert m["speed"] == pytest.approx(0.0, abs=1e-6) and m["motion"] < 1e-6 and m["dynamic"] == 0.0 and m["freeze"] == 1.0
+  back = motion.video_metrics(v[::-1].copy(), cap, H, (1,), ref)["1x"]  # the camera the other way
+  assert back["speed"] == pytest.approx(-1.0, abs=0.05) and back["dynamic"] == 1.0
+  # Half as fast: every other frame repeated.
+  slow = np.repeat(v[: len(v) // 2 + 1], 2, axis=0)[: len(v)]
+  assert motion.video_metrics(slow, cap, H, (1,), ref)["1x"]["speed"] == pytest.approx(0.5, abs=0.26)
+  # Fading to grey: the frames change, the scene does not move the commanded way and the
+  # statistics drift away from the start and from the data.
+  w = np.linspace(0.0, 1.0, len(v))[:, None, None, None]
+  fade = np.round(v * (1 - w) + 128 * w).astype(np.uint8)
+  f = motion.video_metrics(fade, cap, H, (1, 3), ref)
+  assert f["3x"]["drift_start"] > 5 * f["1x"]["drift_start"] and f["3x"]["drift_data"] > 0.05
+  assert motion.video_metrics(v, cap, H, (1, 3), ref)["3x"]["drift_data"] < 0.03
+
+
+def test_dynamic_degree_sees_a_moving_object_on_a_still_background():
+  spec = pw.ClipSpec("left", "quickly", "a sandy desert", "red", "ball", seed=2, obj_velocity=(1.4, 1.3))
+  v = pw.render_clip(spec, H, 32, 32)
+  still = np.stack([pw.render_clip(spec, 1, 32, 32)[0]] * H)
+  # The ball alone moves: draw it on the still background.
+  obj = v.copy()
+  for t in range(H):
+    bg = still[t].copy()
+    pw._draw_object(bg, spec, t)
+    obj[t] = bg
+  dyn = motion.block_motion(obj)
+  assert (dyn > motion.DYNAMIC_PX).mean() >= motion.DYNAMIC_SHARE
+  assert (motion.block_motion(still) <= motion.DYNAMIC_PX).all()
+
+
+def test_segments_name_their_frames_and_refuse_past_the_end():
+  assert motion.segments(54, 9, (1, 2.4, 6)) == {"1x": (0, 9), "2.4x": (13, 22), "6x": (45, 54)}
+  with pytest.raises(ValueError, match="past the 50 frames"):
+    motion.segments(50, 9, (6,))
