@@ -79,6 +79,15 @@ def test_overwrite_replaces_only_an_asvd_checkpoint_atomically(source, model, tm
   assert sorted(os.listdir(tmp_path)) == ["ck", "ck.old"]  # no temporary folder left behind
 
 
+def test_checkpoints_save_and_load_by_relative_paths(model, tmp_path, monkeypatch):
+  """A relative path (as typed on a command line) works both ways (Orbax wants absolute ones)."""
+  monkeypatch.chdir(tmp_path)
+  asvd.save_dit(model, "runs/ck")
+  assert sorted(os.listdir(tmp_path / "runs")) == ["ck"]
+  for a, b in zip(params_of(asvd.load_dit("runs/ck")), params_of(model), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_convert_dtype_aliases_and_errors(source, tmp_path):
   p = cli("convert", str(source), str(tmp_path / "a"), "--dtype", "int8")
   assert p.returncode == 2 and "--dtype" in p.stderr and "bf16" in p.stderr

@@ -30,6 +30,8 @@ def test_every_anchor_mode_trains_with_the_same_code(tmp_path, anchor):
   args = [*lora, *method, f"--config.train.stages={stages!r}", "--config.train.causal_init.steps=2", "--config.train.dmd.steps=2", f"--config.rollout.anchor={anchor}", f"--config.train.dmd.teacher={teacher}", "--config.train.optimizer.grad_accum=2"]
   p = subprocess.run([*TRAIN, "--workdir", str(tmp_path / "run"), *args, "--config.train.dmd.teacher_dtype=bfloat16"], capture_output=True, text=True, env=ENV)
   assert p.returncode == 0, p.stderr[-3000:]
+  if stages == ("causal_init",):  # no teacher in this workdir: the student starts from the named one
+    assert f"causal_init: starting from {teacher}" in p.stderr
   recs = [json.loads(x) for x in lines(tmp_path / "run")]
   assert [r["stage"] for r in recs] == [s for s in stages for _ in range(2)]
   meta = json.loads((tmp_path / "run" / stages[-1] / "model" / "asvd_dit.json").read_text())

@@ -552,6 +552,7 @@ def save_dit(model: WanDiT, path: str | os.PathLike, *, overwrite: bool = False)
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   path = os.path.abspath(os.fspath(path))
+  path = os.path.abspath(os.fspath(path))  # (Orbax takes absolute paths only)
   _check_destination(path, overwrite)
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
@@ -600,7 +601,7 @@ def _load_asvd(path: str, overrides: dict) -> WanDiT:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), target)
   ckptr = ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
   try:
-    restored = ckptr.restore(os.path.join(path, "params"), target)
+    restored = ckptr.restore(os.path.abspath(os.path.join(path, "params")), target)
   except Exception as e:  # noqa: BLE001  (orbax raises many types; name the file)
     raise CheckpointError(f"{path}: Orbax restore failed: {e}") from e
   nnx.replace_by_pure_dict(state, restored)

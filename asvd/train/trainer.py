@@ -185,12 +185,14 @@ def _stage_model(workdir: str, stage: str) -> str:
 
 
 def _init_model(cfg, stage: str, workdir: str, which: str, seed: int):
-  """The network a stage starts from: explicit init > previous stage's model > scratch."""
+  """The network a stage starts from: explicit init > previous stage's model > (causal init)
+  the teacher it names > scratch."""
   import asvd  # noqa: PLC0415
 
   # The explicit checkpoint: train.<stage>.init for the trained network, train.dmd.teacher for
   # the frozen teacher (DMD's teacher and critic; ODE init's teacher unless
-  # train.causal_init.teacher names another). Else the previous stage's model in this workdir.
+  # train.causal_init.teacher names another). Else the previous stage's model in this workdir;
+  # causal init without a teacher in this workdir starts from the teacher it names.
   score = which in ("teacher", "critic")
   explicit = cfg.train[stage].get("init", "")
   if score:
@@ -199,6 +201,8 @@ def _init_model(cfg, stage: str, workdir: str, which: str, seed: int):
   path = explicit or None
   if path is None and previous is not None and os.path.isdir(_stage_model(workdir, previous)):
     path = _stage_model(workdir, previous)
+  if path is None and stage == "causal_init":  # the student starts from its named teacher
+    path = (cfg.train.causal_init.teacher or cfg.train.dmd.teacher) or None
   if path is None:
     if score:
       what = "ODE causal init (train.causal_init.method='ode')" if stage == "causal_init" else "dmd"
