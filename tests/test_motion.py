@@ -83,3 +83,29 @@ def test_segments_name_their_frames_and_refuse_past_the_end():
   assert motion.segments(54, 9, (1, 2.4, 6)) == {"1x": (0, 9), "2.4x": (13, 22), "6x": (45, 54)}
   with pytest.raises(ValueError, match="past the 50 frames"):
     motion.segments(50, 9, (6,))
+
+
+def test_denoiser_motion_tells_a_denoiser_that_knows_the_motion_from_one_that_stands_still():
+  """`denoiser_motion` on two hand-made denoisers of PanWorld's config: the exact one (it
+  returns the true flow, so its clean prediction is the clip) keeps the captions' speed at every
+  sigma; one that predicts frame 0 for every frame keeps none."""
+  import asvd  # noqa: PLC0415
+  from asvd.models import pixel_codec  # noqa: PLC0415
+
+  cfg = asvd.load_config("configs/panworld.py")
+  codec = pixel_codec.from_config(cfg)
+  n, frames, clips = 8 * codec.patch, int(cfg.train.horizon_frames), 6
+  rng = np.random.default_rng(0)  # the clips denoiser_motion draws (seed 0), drawn again here
+  vids = np.stack([pw.render_clip(pw.sample_spec(rng), frames, n, n) for _ in range(clips)])
+  x0 = np.asarray(codec.encode(vids.astype(np.float32) / 127.5 - 1.0))
+
+  def flow_to(target):
+    def predict(x_t, t, text):  # v = (x_t - x0) / sigma: the clean prediction is `target`
+      return (x_t - target) / (np.asarray(t) / 1000.0)[..., None, None, None]
+
+    return predict
+
+  exact = motion.denoiser_motion(flow_to(x0), cfg, (0.3, 0.95), clips=clips)
+  still = motion.denoiser_motion(flow_to(np.repeat(x0[:, :1], frames, axis=1)), cfg, (0.3, 0.95), clips=clips)
+  assert all(v == pytest.approx(1.0, abs=0.05) for v in exact.values()), exact
+  assert all(abs(v) < 0.05 for v in still.values()), still
