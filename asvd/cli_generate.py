@@ -18,6 +18,7 @@ import numpy as np
 from asvd.errors import UsageError
 
 MAX_SEED = 2**32 - 1
+DEFAULT_CHUNKS = 7  # --chunks without a bundled model
 PIXEL_VIEW_UPSCALE = 8  # pixel-space (PanWorld) video.mp4: 32 -> 256 pixels, nearest neighbour
 
 
@@ -83,7 +84,7 @@ def _common(p) -> None:
   w = p.add_mutually_exclusive_group()
   w.add_argument("--checkpoint", default=None, help="DiT checkpoint (diffusers / Wan / Self-Forcing .pt / asvd)")
   w.add_argument("--init", choices=["random"], default=None, help="random weights (smoke runs)")
-  p.add_argument("--chunks", type=_int_at_least(1), default=None, help="chunks to generate, F latent frames each (default 7; bundled models: 6x the training horizon)")
+  p.add_argument("--chunks", type=_int_at_least(1), default=None, help="chunks to generate, F latent frames each (default 7 = DEFAULT_CHUNKS; bundled models: 6x the training horizon)")
   p.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help=f"random seed, 0..{MAX_SEED}")
   p.add_argument("--context", default=None, help=".npy text embeddings [B, L, text_dim] (default: random)")
   p.add_argument("--out", default=None, help="output folder (bundled models: default out/panworld)")
@@ -208,7 +209,7 @@ def _setup(args, overrides, outputs):
     raise UsageError("give --config configs/X.py (or --weights DIR --prompt ...)")
   if args.out is None:
     raise UsageError("give --out DIR (the output folder)")
-  args.chunks = 7 if args.chunks is None else args.chunks
+  args.chunks = DEFAULT_CHUNKS if args.chunks is None else args.chunks
   cfg = _load_config(args.config, overrides)
   if getattr(args, "prompt", None):
     _check_prompt(cfg, args)
@@ -288,7 +289,7 @@ def cmd_t2v(args, overrides) -> None:
     raise UsageError("give --weights or --bundled, not both")
   if args.out is None:
     raise UsageError("give --out DIR (the output folder)")
-  args.chunks = 7 if args.chunks is None else args.chunks
+  args.chunks = DEFAULT_CHUNKS if args.chunks is None else args.chunks
   cfg = _load_config(args.config or "configs/wan_t2v_1_3b.py", overrides)
   _check_inputs(args)
   _check_model_config(cfg, overrides, True)
@@ -486,12 +487,7 @@ def cmd_eval_motion(args, overrides) -> None:
   if not _own_text_path(cfg):
     raise UsageError(f"{spec}: eval motion needs a PanWorld config (pipeline.pixel_patch and pipeline.text_encoder, as configs/panworld.py)")
   out = OutputDir(args.out, report.output_files(modes))
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  import asvd  # noqa: PLC0415
-  from asvd.models.dit import compute_settings  # noqa: PLC0415
-
-  models = {m: asvd.load_dit(p, dtype=jnp.dtype(cfg.model.dtype), **compute_settings(cfg.model)) for m, p in paths.items()}
+  models = {m: _load_dit(cfg, p, args.seed) for m, p in paths.items()}
   result = report.evaluate(models, config_for, report.PROMPTS[: args.prompts], out, multiples=multiples, seed=args.seed)
   print(report.markdown(result))
   print(f"wrote {out.path('eval.md')}, eval.json and the plots in {args.out}")

@@ -14,8 +14,8 @@ The commands it runs (all `asvd train`, resumable: rerun this script after an in
 
 Every stage reads one PanWorld dataset, generated once in `WORKDIR/data`. `DEST` defaults to
 the package's `asvd/assets/panworld`, which `asvd generate` and `asvd eval motion` run with no
-flag; the script never replaces a `DEST/<mode>` that it did not write (a `record.json` names
-what it wrote).
+flag; the script replaces there only asvd checkpoints and a `record.json` that asvd wrote
+(`install`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +64,25 @@ def _final(workdir: str, stage: str, n: int = 20) -> dict:
   return {"steps": int(rows[-1]["step"]) if rows else 0, **{k: round(sum(r[k] for r in tail if k in r) / max(1, sum(k in r for r in tail)), 5) for k in keys}}
 
 
+def install(sources: dict[str, str], dest: str):
+  """Copies each mode's final model (`{mode: asvd checkpoint}`) to `dest/<mode>` and returns the
+  `asvd.outputs.OutputDir` of `dest` (for `record.json`). Checked before anything is written:
+  a `record.json` there that asvd did not write is refused (OutputDir), and `save_dit` replaces
+  only an asvd checkpoint at `dest/<mode>` (atomically, the old one moved aside until the new one
+  is in place), never a user's folder."""
+  import asvd  # noqa: PLC0415
+  from asvd.ckpt import dit_port  # noqa: PLC0415
+  from asvd.outputs import OutputDir  # noqa: PLC0415
+
+  out = OutputDir(dest, ["record.json"], flag="--dest")
+  foreign = [m for m in sources if os.path.lexists(os.path.join(dest, m)) and not dit_port.is_asvd_checkpoint(os.path.join(dest, m))]
+  if foreign:
+    sys.exit(f"panworld_bundle: {', '.join(os.path.join(dest, m) for m in foreign)} exist(s) and are not asvd checkpoints; move them away")
+  for mode, src in sources.items():
+    asvd.save_dit(asvd.load_dit(src), os.path.join(dest, mode), overwrite=True)
+  return out
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/panworld", help="training runs (default runs/panworld)")
@@ -93,23 +111,7 @@ def main() -> None:
       stages.append({"mode": mode, "stage": stage, "seconds": round(dt, 1), **_final(mdir, stage)})
   total = time.perf_counter() - t_all
 
-  os.makedirs(args.dest, exist_ok=True)
-  old = {}
-  try:
-    with open(os.path.join(args.dest, "record.json")) as f:
-      old = json.load(f)
-  except (OSError, ValueError):
-    pass
-  for mode in modes:
-    target = os.path.join(args.dest, mode)
-    if os.path.exists(target) and mode not in old.get("models", {}):
-      sys.exit(f"panworld_bundle: {target} exists and no record.json there names it; move it away")
-    tmp = target + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(os.path.join(wd, mode, "dmd", "model"), tmp)
-    if os.path.exists(target):
-      shutil.rmtree(target)
-    os.replace(tmp, target)
+  out = install({m: os.path.join(wd, m, "dmd", "model") for m in modes}, args.dest)
   info = common.cpu_info()
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO, capture_output=True, text=True).stdout.strip()
   record = {
@@ -122,12 +124,9 @@ def main() -> None:
     "machine": info,
     "commit": commit,
     "date": common.timestamp(),
-    "models": {**old.get("models", {}), **{m: f"{m}/ (from {os.path.join(args.workdir, m, 'dmd', 'model')})" for m in modes}},
+    "models": {m: f"{m}/ (from {os.path.join(args.workdir, m, 'dmd', 'model')})" for m in modes},
   }
-  tmp = os.path.join(args.dest, "record.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, os.path.join(args.dest, "record.json"))
+  out.write_json("record.json", record)
   bench = {
     "benchmark": "panworld_train: wall seconds per step of each stage of the bundled PanWorld models (compile and checkpoints included)",
     "machine": info,

@@ -101,3 +101,61 @@ def test_panworld_training_logs_its_samples_camera_speed(tmp_path):
   assert [r["step"] for r in recs if "loss" in r] == [1, 2]
   assert [d.name for d in (data / "pan_world").iterdir() if not d.name.startswith(".")] == ["f12_h16_w16_n8_s0_o50_x1.5_t0"]
   assert (work / "teacher" / "samples" / "step_000002.mp4").stat().st_size > 0
+
+
+def test_bundle_install_replaces_only_what_asvd_wrote(tmp_path):
+  """launch/panworld_bundle.py's `install`: it copies the final models into the bundle folder,
+  replaces its own checkpoints there on a rerun, and refuses a user's folder or record.json
+  (both kept) before writing anything; nothing temporary is left behind."""
+  import importlib.util  # noqa: PLC0415
+
+  spec = importlib.util.spec_from_file_location("panworld_bundle", "launch/panworld_bundle.py")
+  bundle = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bundle)
+  cfg = asvd.load_config("configs/panworld.py", SMALL)
+  src = {m: tmp_path / "runs" / m for m in ("adaptive", "sink")}
+  for i, p in enumerate(src.values()):
+    asvd.save_dit(asvd.init_dit(cfg.model, jax.random.key(i)), p)
+  dest = tmp_path / "bundle"
+  bundle.install({m: str(p) for m, p in src.items()}, str(dest)).write_json("record.json", {"models": ["adaptive", "sink"]})
+  def params(path):
+    from flax import nnx  # noqa: PLC0415
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(asvd.load_dit(path), nnx.Param))]
+
+  first = params(dest / "sink")
+  asvd.save_dit(asvd.init_dit(cfg.model, jax.random.key(9)), src["sink"], overwrite=True)
+  bundle.install({m: str(p) for m, p in src.items()}, str(dest)).write_json("record.json", {"models": ["adaptive", "sink"]})  # a rerun
+  assert max(np.abs(a - b).max() for a, b in zip(params(dest / "sink"), first, strict=True)) > 0  # replaced
+  assert sorted(os.listdir(dest)) == [".asvd_outputs", "adaptive", "record.json", "sink"]
+  # A user's folder where a mode would go, or a record.json asvd did not write: refused, kept.
+  mine = tmp_path / "mine"
+  (mine / "none").mkdir(parents=True)
+  (mine / "none" / "notes.txt").write_text("x")
+  with pytest.raises(SystemExit, match="not asvd checkpoints"):
+    bundle.install({"none": str(src["sink"])}, str(mine))
+  assert (mine / "none" / "notes.txt").read_text() == "x" and sorted(os.listdir(mine)) == ["none"]
+  (tmp_path / "theirs").mkdir()
+  (tmp_path / "theirs" / "record.json").write_text("{}")
+  with pytest.raises(asvd.AsvdError, match="record.json"):
+    bundle.install({"sink": str(src["sink"])}, str(tmp_path / "theirs"))
+  assert sorted(os.listdir(tmp_path / "theirs")) == ["record.json"]
+
+
+def test_panworld_outputs_keep_a_users_files(tmp_path):
+  """generate's frames.png and eval motion's eval.md are checked like every output: a user's
+  file of that name stops the command before any work, and is kept."""
+  out = tmp_path / "g"
+  out.mkdir()
+  (out / "frames.png").write_text("mine")
+  p = _asvd("generate", "--config", "configs/panworld.py", "--init", "random", "--chunks", "1", "--out", str(out), *SMALL)
+  assert p.returncode == 2 and "frames.png" in p.stderr and (out / "frames.png").read_text() == "mine"
+  ev = tmp_path / "ev"
+  ev.mkdir()
+  (ev / "eval.md").write_text("mine")
+  models = tmp_path / "models"
+  cfg = asvd.load_config("configs/panworld.py", SMALL)
+  asvd.save_dit(asvd.init_dit(cfg.model, jax.random.key(0)), models / "sink")
+  p = _asvd("eval", "motion", "--models", str(models), "--modes", "sink", "--out", str(ev), *SMALL)
+  assert p.returncode == 2 and "eval.md" in p.stderr and (ev / "eval.md").read_text() == "mine"
+  assert sorted(os.listdir(ev)) == ["eval.md"]

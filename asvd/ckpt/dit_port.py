@@ -552,7 +552,6 @@ def save_dit(model: WanDiT, path: str | os.PathLike, *, overwrite: bool = False)
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   path = os.path.abspath(os.fspath(path))
-  path = os.path.abspath(os.fspath(path))  # (Orbax takes absolute paths only)
   _check_destination(path, overwrite)
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)

@@ -121,6 +121,14 @@ def sample_spec(rng: np.random.Generator, object_prob: float = 0.5, world: int =
   )
 
 
+def spec_of_caption(caption: str, rng: np.random.Generator) -> ClipSpec:
+  """A random clip of `caption`: its direction, speed, biome and object, a random world seed,
+  camera start and object motion (as `sample_spec` draws them)."""
+  base = parse_caption(caption)
+  s = sample_spec(rng, object_prob=1.0 if base.obj else 0.0)
+  return dataclasses.replace(s, direction=base.direction, speed=base.speed, biome=base.biome, color=base.color, obj=base.obj)
+
+
 def vocabulary() -> list[str]:
   """The grammar's words (captions are lower case; "," is its own word), sorted."""
   return sorted({w for c in all_captions() for w in c.replace(",", " ,").split()})
@@ -456,5 +464,5 @@ def training_source(config, latent_hw, data_dir: str) -> TrainingSource:
 
 __all__ = [
   "BIOMES", "COLORS", "DIRECTIONS", "OBJECTS", "SPEEDS", "ClipSpec", "PanWorld", "PanWorldConfig", "all_captions",
-  "TrainingSource", "build_tokenizer", "caption_table", "config_for", "embed_prompts", "world", "text_path", "training_source", "vocabulary", "measure_shift", "parse_caption", "render_clip", "render_world", "sample_spec",
+  "TrainingSource", "build_tokenizer", "caption_table", "config_for", "embed_prompts", "world", "text_path", "training_source", "vocabulary", "measure_shift", "parse_caption", "render_clip", "render_world", "sample_spec", "spec_of_caption",
 ]  # fmt: skip

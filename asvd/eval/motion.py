@@ -90,13 +90,8 @@ class Reference:
   def of_caption(cls, caption: str, frames: int, height: int, width: int, *, clips: int = 8, seed: int = 0, scale: float = 1.0, texture: float = 0.3) -> Reference:
     """Renders `clips` clips of `caption` (random worlds and starts; `scale`, `texture`: the
     world's look, as the model's training data) and measures them."""
-    base = panworld.parse_caption(caption)
     rng = np.random.default_rng(seed)
-    vids = []
-    for _ in range(clips):
-      s = panworld.sample_spec(rng, object_prob=1.0 if base.obj else 0.0)
-      spec = dataclasses.replace(s, direction=base.direction, speed=base.speed, biome=base.biome, color=base.color, obj=base.obj)
-      vids.append(panworld.render_clip(spec, frames, height, width, scale=scale, texture=texture))
+    vids = [panworld.render_clip(panworld.spec_of_caption(caption, rng), frames, height, width, scale=scale, texture=texture) for _ in range(clips)]
     return cls(np.mean([frame_stats(v) for v in vids], axis=0), float(np.mean([mean_abs_change(v).mean() for v in vids])))
 
 

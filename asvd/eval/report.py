@@ -11,7 +11,6 @@ same way (the `data` row: what a perfect generator would score). Writes `eval.js
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 
@@ -52,13 +51,7 @@ def _bar(total: int, desc: str, quiet: bool):
 def real_clips(prompts, frames: int, height: int, width: int, *, seed: int, scale: float, texture: float) -> np.ndarray:
   """uint8 `[N, frames, H, W, 3]`: one real PanWorld clip per caption (a random world)."""
   rng = np.random.default_rng(seed + 1)
-  out = []
-  for p in prompts:
-    base = panworld.parse_caption(p)
-    s = panworld.sample_spec(rng, object_prob=1.0 if base.obj else 0.0)
-    spec = dataclasses.replace(s, direction=base.direction, speed=base.speed, biome=base.biome, color=base.color, obj=base.obj)
-    out.append(panworld.render_clip(spec, frames, height, width, scale=scale, texture=texture))
-  return np.stack(out)
+  return np.stack([panworld.render_clip(panworld.spec_of_caption(p, rng), frames, height, width, scale=scale, texture=texture) for p in prompts])
 
 
 def evaluate(models: dict, config_for, prompts, out, *, multiples=(1, 2.4, 6), seed: int = 0, quiet: bool = False) -> dict:
@@ -206,9 +199,8 @@ def _plot_anchor(per_chunk: dict, path: str, horizon_chunks: int) -> None:
 
 
 def _contact_sheet(vids: np.ndarray, path: str, horizon: int, multiples) -> None:
-  """A PNG: one row per video, the last frame of each segment plus the first frame, 3x upscaled."""
-  import imageio.v3 as iio  # noqa: PLC0415
+  """A PNG: one row per video, its first frame and each segment's last, 3x upscaled."""
+  from asvd import video  # noqa: PLC0415
 
   idx = [0] + [round(float(m) * horizon) - 1 for m in multiples]
-  rows = [np.concatenate([v[i] for i in idx], axis=1) for v in vids]
-  iio.imwrite(path, np.concatenate(rows, axis=0).repeat(3, 0).repeat(3, 1))
+  video.write_contact_sheet(np.concatenate([v[idx] for v in vids]), path, columns=len(idx), factor=3)

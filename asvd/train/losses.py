@@ -19,9 +19,9 @@ def shifted_sigma(key: jax.Array, shape, shift: float, lo: float = 0.0, hi: floa
   return jnp.clip(s, lo, hi)
 
 
-def noised(x0, eps, sigma_b):
-  """`x_t` for per-sample sigmas `[B]` (broadcast over frames and pixels)."""
-  s = sigma_b.reshape(-1, *([1] * (x0.ndim - 1)))
+def noised(x0, eps, sigma):
+  """`x_t` for sigmas per sample `[B]` or per frame `[B, F]` (broadcast over the rest)."""
+  s = sigma.reshape(*sigma.shape, *([1] * (x0.ndim - sigma.ndim)))
   return (1.0 - s) * x0 + s * eps
 
 
@@ -44,8 +44,7 @@ def flow_matching_loss(predict, x0, key: jax.Array, shift: float, frame_noise_pr
     own = jax.random.bernoulli(k4, frame_noise_prob, (b,))
     sigma_bf = jnp.where(own[:, None], shifted_sigma(k3, (b, f), shift), sigma_bf)
   eps = jax.random.normal(k2, x0.shape, jnp.float32)
-  s = sigma_bf.reshape(b, f, *([1] * (x0.ndim - 2)))
-  v = predict((1.0 - s) * x0 + s * eps, 1000.0 * sigma_bf)
+  v = predict(noised(x0, eps, sigma_bf), 1000.0 * sigma_bf)
   return jnp.mean(jnp.square(v.astype(jnp.float32) - (eps - x0)))
 
 

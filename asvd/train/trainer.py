@@ -46,7 +46,7 @@ from asvd.models.lora import add_lora, merge_lora, split_lora
 from asvd.train import steps as st
 from asvd.train.rollout import merge
 from asvd.train.writers import MetricsLog, TensorBoardWriter, preview
-from asvd.video import write_mp4
+from asvd.video import upscale, write_mp4
 
 STAGES = ("teacher", "causal_init", "dmd")
 
@@ -498,7 +498,7 @@ class _Sampler:
         from asvd.eval import motion  # noqa: PLC0415
 
         self.metrics = motion.sample_motion(frames, self.caption)
-      return frames.repeat(4, axis=1).repeat(4, axis=2)
+      return upscale(frames, 4)
     return preview(lat)
 
 
