@@ -83,7 +83,8 @@ def test_generate_with_no_flag_runs_the_bundled_model(tmp_path, monkeypatch, cap
 
 
 def test_panworld_training_logs_its_samples_camera_speed(tmp_path):
-  """A PanWorld teacher run logs `sample/speed` and `sample/motion` with each sample video,
+  """A PanWorld teacher run logs `sample/speed` and `sample/motion` with each sample video (and
+  `sample/direction_gain`),
   measured on the decoded frames against the sampled caption (the dataset's first); the
   world's look (`train.data.world_scale` / `world_texture`) names its own dataset."""
   work = tmp_path / "run"
@@ -98,6 +99,7 @@ def test_panworld_training_logs_its_samples_camera_speed(tmp_path):
   recs = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
   samples = [r for r in recs if "sample/speed" in r]
   assert len(samples) == 1 and samples[0]["step"] == 2 and np.isfinite(samples[0]["sample/motion"])
+  assert np.isfinite(samples[0]["sample/direction_gain"])  # the teacher's probe (asvd.eval.motion.direction_gain)
   assert [r["step"] for r in recs if "loss" in r] == [1, 2]
   assert [d.name for d in (data / "pan_world").iterdir() if not d.name.startswith(".")] == ["f12_h16_w16_n8_s0_o50_x1.5_t0"]
   assert (work / "teacher" / "samples" / "step_000002.mp4").stat().st_size > 0

@@ -109,3 +109,33 @@ def test_denoiser_motion_tells_a_denoiser_that_knows_the_motion_from_one_that_st
   still = motion.denoiser_motion(flow_to(np.repeat(x0[:, :1], frames, axis=1)), cfg, (0.3, 0.95), clips=clips)
   assert all(v == pytest.approx(1.0, abs=0.05) for v in exact.values()), exact
   assert all(abs(v) < 0.05 for v in still.values()), still
+
+
+def test_direction_gain_tells_a_denoiser_that_reads_the_direction_from_one_that_does_not():
+  """`direction_gain` on hand-made denoisers: one that reads the caption (the clip for its own
+  caption, the clip run backwards, i.e. the reversed camera, for the reversed one) gains at every
+  sigma; one that returns the clip whatever the caption gains nothing."""
+  import asvd  # noqa: PLC0415
+  from asvd.models import pixel_codec  # noqa: PLC0415
+
+  cfg = asvd.load_config("configs/panworld.py")
+  codec = pixel_codec.from_config(cfg)
+  n, frames, clips = 8 * codec.patch, int(cfg.train.horizon_frames), 4
+  rng = np.random.default_rng(0)  # the clips direction_gain draws (seed 0), drawn again here
+  specs = [pw.sample_spec(rng) for _ in range(clips)]
+  x0 = np.asarray(codec.encode(np.stack([pw.render_clip(s, frames, n, n) for s in specs]).astype(np.float32) / 127.5 - 1.0))
+  own = np.asarray(pw.embed_prompts(cfg, [s.caption for s in specs]))
+  off = 0.3 * np.random.default_rng(1).standard_normal(x0.shape).astype(np.float32)  # both err a little
+
+  def denoiser(reads_text):
+    def predict(x_t, t, text):
+      same = np.all(np.isclose(np.asarray(text), own), axis=(1, 2))[:, None, None, None, None]
+      target = np.where(same | (not reads_text), x0, x0[:, ::-1]) + off
+      return (x_t - target) / np.maximum(np.asarray(t) / 1000.0, 1e-6)[..., None, None, None]
+
+    return predict
+
+  reads = motion.direction_gain(denoiser(True), cfg, (0.5, 0.9), clips=clips)
+  blind = motion.direction_gain(denoiser(False), cfg, (0.5, 0.9), clips=clips)
+  assert all(v > 1.0 for v in reads.values()), reads
+  assert all(v == pytest.approx(0.0, abs=1e-6) for v in blind.values()), blind

@@ -145,6 +145,30 @@ def sample_motion(frames_thwc: np.ndarray, caption: str) -> dict[str, float]:
   return {"sample/speed": float(np.median(shifts @ v) / (v @ v)), "sample/motion": float(np.median(np.hypot(shifts[:, 0], shifts[:, 1])))}
 
 
+def _probe_clips(config, clips: int, seed: int):
+  """Real PanWorld clips of `horizon_frames` frames for probing a denoiser: `(specs, x0 [B, F,
+  h, w, C] latents, eps)` (random captions of the grammar; the world's look of `config`)."""
+  import jax  # noqa: PLC0415
+
+  from asvd.models import pixel_codec  # noqa: PLC0415
+
+  codec = pixel_codec.from_config(config)
+  h, w = (int(n) * codec.patch for n in config.rollout.latent_hw)
+  frames = int(config.train.horizon_frames)
+  rng = np.random.default_rng(seed)
+  specs = [panworld.sample_spec(rng) for _ in range(clips)]
+  vids = np.stack([panworld.render_clip(s, frames, h, w, **panworld.world(config)) for s in specs])
+  x0 = np.asarray(codec.encode(vids.astype(np.float32) / 127.5 - 1.0))
+  return specs, x0, np.asarray(jax.random.normal(jax.random.key(seed), x0.shape)), codec
+
+
+def _sigmas(clips: int, frames: int, sig: float, first_clean: bool) -> np.ndarray:
+  s = np.full((clips, frames), float(sig), np.float32)
+  if first_clean:
+    s[:, 0] = 0.0
+  return s
+
+
 def denoiser_motion(predict, config, sigmas=(0.3, 0.6, 0.8, 0.95), *, clips: int = 32, seed: int = 0, first_clean: bool = False) -> dict[float, float]:
   """How much of the captions' motion a PanWorld denoiser puts into its clean prediction.
 
@@ -166,24 +190,11 @@ def denoiser_motion(predict, config, sigmas=(0.3, 0.6, 0.8, 0.95), *, clips: int
   Returns:
     `{sigma: mean speed ratio over the clips}`.
   """
-  import jax  # noqa: PLC0415
-
-  from asvd.models import pixel_codec  # noqa: PLC0415
-
-  codec = pixel_codec.from_config(config)
-  h, w = (int(n) * codec.patch for n in config.rollout.latent_hw)
-  frames = int(config.train.horizon_frames)
-  rng = np.random.default_rng(seed)
-  specs = [panworld.sample_spec(rng) for _ in range(clips)]
-  vids = np.stack([panworld.render_clip(s, frames, h, w, **panworld.world(config)) for s in specs])
-  x0 = np.asarray(codec.encode(vids.astype(np.float32) / 127.5 - 1.0))
+  specs, x0, eps, codec = _probe_clips(config, clips, seed)
   text = panworld.embed_prompts(config, [s.caption for s in specs])
-  eps = np.asarray(jax.random.normal(jax.random.key(seed), x0.shape))
   out = {}
   for sig in sigmas:
-    s = np.full((clips, frames), float(sig), np.float32)
-    if first_clean:
-      s[:, 0] = 0.0
+    s = _sigmas(clips, x0.shape[1], sig, first_clean)
     sb = s[..., None, None, None]
     x_t = (1.0 - sb) * x0 + sb * eps
     pred = codec.to_uint8(x_t - sb * np.asarray(predict(x_t, 1000.0 * s, text), np.float32))
@@ -192,6 +203,43 @@ def denoiser_motion(predict, config, sigmas=(0.3, 0.6, 0.8, 0.95), *, clips: int
       v = -np.asarray(spec.velocity(), np.float64)
       ratios.append(float(np.median(frame_shifts(p) @ v) / (v @ v)))
     out[float(sig)] = float(np.mean(ratios))
+  return out
+
+
+REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def direction_gain(predict, config, sigmas=(0.5, 0.8), *, clips: int = 32, seed: int = 0, first_clean: bool = True) -> dict[float, float]:
+  """How much a PanWorld denoiser takes the camera's direction from the caption.
+
+  The same noisy clips are denoised twice, with their captions and with each caption's direction
+  reversed ("pans left" for "pans right"); the gain is the relative growth of the clean
+  prediction's error (frames 1.. against the clip) under the reversed captions. A denoiser that
+  reads the direction from the text scores > 0 where the noise hides the motion; one that ignores
+  it scores 0 at every sigma, which is what a teacher whose samples stand still shows (README
+  "PanWorld"). Cheap (two forwards per sigma), so it suits a recipe search.
+
+  Args:
+    predict: `(x_t [B, F, h, w, C], t [B, F], text [B, L, D]) -> v`, e.g. a `WanDiT`.
+    config: the PanWorld config.
+    sigmas: noise levels.
+    clips: real clips (random captions of the grammar).
+    seed: which clips and noise.
+    first_clean: keep frame 0 clean (the causal student's situation: content to carry along).
+
+  Returns:
+    `{sigma: err(reversed captions) / err(captions) - 1}`.
+  """
+  specs, x0, eps, _ = _probe_clips(config, clips, seed)
+  right = panworld.embed_prompts(config, [s.caption for s in specs])
+  wrong = panworld.embed_prompts(config, [dataclasses.replace(s, direction=REVERSE[s.direction]).caption for s in specs])
+  out = {}
+  for sig in sigmas:
+    s = _sigmas(clips, x0.shape[1], sig, first_clean)
+    sb = s[..., None, None, None]
+    x_t = (1.0 - sb) * x0 + sb * eps
+    errs = [float(np.mean(np.square((x_t - sb * np.asarray(predict(x_t, 1000.0 * s, t), np.float32) - x0)[:, 1:]))) for t in (right, wrong)]
+    out[float(sig)] = errs[1] / max(errs[0], 1e-12) - 1.0
   return out
 
 

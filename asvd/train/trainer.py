@@ -498,6 +498,10 @@ class _Sampler:
         from asvd.eval import motion  # noqa: PLC0415
 
         self.metrics = motion.sample_motion(frames, self.caption)
+        if self.stage == "teacher":  # does it take the camera's direction from the text yet?
+          model = merge(self.graphdef, params, self.gen_frozen)
+          gain = motion.direction_gain(model, self.cfg, (0.8,), clips=16)
+          self.metrics["sample/direction_gain"] = gain[0.8]
       return upscale(frames, 4)
     return preview(lat)
 
