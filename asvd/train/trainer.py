@@ -500,8 +500,9 @@ class _Sampler:
         self.metrics = motion.sample_motion(frames, self.caption)
         if self.stage == "teacher":  # does it take the camera's direction from the text yet?
           model = merge(self.graphdef, params, self.gen_frozen)
-          gain = motion.direction_gain(model, self.cfg, (0.8,), clips=16)
-          self.metrics["sample/direction_gain"] = gain[0.8]
+          # sigma 0.5: where a network that has begun to read the direction gains the most
+          gain = motion.direction_gain(model, self.cfg, (0.5,), clips=16)
+          self.metrics["sample/direction_gain"] = gain[0.5]
       return upscale(frames, 4)
     return preview(lat)
 
