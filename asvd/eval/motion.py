@@ -147,7 +147,7 @@ def sample_motion(frames_thwc: np.ndarray, caption: str) -> dict[str, float]:
 
 def _probe_clips(config, clips: int, seed: int):
   """Real PanWorld clips of `horizon_frames` frames for probing a denoiser: `(specs, x0 [B, F,
-  h, w, C] latents, eps)` (random captions of the grammar; the world's look of `config`)."""
+  h, w, C] latents, eps, codec)` (random captions of the grammar; the world's look of `config`)."""
   import jax  # noqa: PLC0415
 
   from asvd.models import pixel_codec  # noqa: PLC0415
@@ -162,11 +162,15 @@ def _probe_clips(config, clips: int, seed: int):
   return specs, x0, np.asarray(jax.random.normal(jax.random.key(seed), x0.shape)), codec
 
 
-def _sigmas(clips: int, frames: int, sig: float, first_clean: bool) -> np.ndarray:
-  s = np.full((clips, frames), float(sig), np.float32)
+def _clean_prediction(predict, x0, eps, sig: float, first_clean: bool, text) -> np.ndarray:
+  """The denoiser's `x0 = x_t - sigma v` for `x0` noised at `sig` (frame 0 clean if asked)."""
+  from asvd.train.losses import noised  # noqa: PLC0415
+
+  s = np.full(x0.shape[:2], float(sig), np.float32)
   if first_clean:
     s[:, 0] = 0.0
-  return s
+  x_t = np.asarray(noised(x0, eps, s))
+  return x_t - s[..., None, None, None] * np.asarray(predict(x_t, 1000.0 * s, text), np.float32)
 
 
 def denoiser_motion(predict, config, sigmas=(0.3, 0.6, 0.8, 0.95), *, clips: int = 32, seed: int = 0, first_clean: bool = False) -> dict[float, float]:
@@ -194,10 +198,7 @@ def denoiser_motion(predict, config, sigmas=(0.3, 0.6, 0.8, 0.95), *, clips: int
   text = panworld.embed_prompts(config, [s.caption for s in specs])
   out = {}
   for sig in sigmas:
-    s = _sigmas(clips, x0.shape[1], sig, first_clean)
-    sb = s[..., None, None, None]
-    x_t = (1.0 - sb) * x0 + sb * eps
-    pred = codec.to_uint8(x_t - sb * np.asarray(predict(x_t, 1000.0 * s, text), np.float32))
+    pred = codec.to_uint8(_clean_prediction(predict, x0, eps, sig, first_clean, text))
     ratios = []
     for p, spec in zip(pred, specs, strict=True):
       v = -np.asarray(spec.velocity(), np.float64)
@@ -206,7 +207,8 @@ def denoiser_motion(predict, config, sigmas=(0.3, 0.6, 0.8, 0.95), *, clips: int
   return out
 
 
-REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+# Each direction of the grammar and the one that moves the other way.
+REVERSE = {d: next(e for e, (y2, x2) in panworld.DIRECTIONS.items() if (y2, x2) == (-y, -x)) for d, (y, x) in panworld.DIRECTIONS.items()}
 
 
 def direction_gain(predict, config, sigmas=(0.5, 0.8), *, clips: int = 32, seed: int = 0, first_clean: bool = True) -> dict[float, float]:
@@ -235,10 +237,7 @@ def direction_gain(predict, config, sigmas=(0.5, 0.8), *, clips: int = 32, seed:
   wrong = panworld.embed_prompts(config, [dataclasses.replace(s, direction=REVERSE[s.direction]).caption for s in specs])
   out = {}
   for sig in sigmas:
-    s = _sigmas(clips, x0.shape[1], sig, first_clean)
-    sb = s[..., None, None, None]
-    x_t = (1.0 - sb) * x0 + sb * eps
-    errs = [float(np.mean(np.square((x_t - sb * np.asarray(predict(x_t, 1000.0 * s, t), np.float32) - x0)[:, 1:]))) for t in (right, wrong)]
+    errs = [float(np.mean(np.square((_clean_prediction(predict, x0, eps, sig, first_clean, t) - x0)[:, 1:]))) for t in (right, wrong)]
     out[float(sig)] = errs[1] / max(errs[0], 1e-12) - 1.0
   return out
 
