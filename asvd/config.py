@@ -100,9 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
       # critic in dmd) of these stages; only the adapters train; final models are merged.
       lora=dict(rank=0, alpha=0.0, stages=("dmd",)),
       # synthetic_pan (generated) | panworld (generated pixel pans; object_prob: clips with a moving
-      # object; world_scale, world_texture: the world's look, asvd.data.panworld.render_world) |
+      # object; world_scale, world_texture: the world's look, asvd.data.panworld.render_world;
+      # world_speeds: the camera's pixels per frame for "slowly" and "quickly") |
       # video_folder (folder + weights) | a prepared TFDS name
-      data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0, folder="", weights="", object_prob=0.5, world_scale=1.0, world_texture=0.3),
+      data=dict(name="synthetic_pan", data_dir="", split="train", frames=21, clips=256, seed=0, folder="", weights="", object_prob=0.5, world_scale=1.0, world_texture=0.3, world_speeds=(1, 2)),
       # text_dropout: a sample's text replaced by zeros (the unconditional text of CFG) with this
       # probability, so a teacher trained here can be guided (ODE init and DMD use CFG).
       # b1 (every stage): Adam's momentum for this stage, None = train.optimizer.b1 (Self-Forcing's 0

@@ -86,14 +86,15 @@ def test_panworld_training_logs_its_samples_camera_speed(tmp_path):
   """A PanWorld teacher run logs `sample/speed` and `sample/motion` with each sample video (and
   `sample/direction_gain`),
   measured on the decoded frames against the sampled caption (the dataset's first); the
-  world's look (`train.data.world_scale` / `world_texture`) names its own dataset."""
+  world's look and speeds (`train.data.world_scale` / `world_texture` / `world_speeds`) name
+  its own dataset."""
   work = tmp_path / "run"
   data = tmp_path / "data"
   p = _asvd(
     "train", "--config", "configs/panworld.py", "--workdir", str(work), "--no-progress", *SMALL,
     "--config.train.stages=('teacher',)", "--config.train.teacher.steps=2", "--config.train.sample_every=2",
     "--config.train.data.clips=8", "--config.train.causal_init.ode_steps=2", f"--config.train.data.data_dir={data}",
-    "--config.train.data.world_scale=1.5", "--config.train.data.world_texture=0.0",
+    "--config.train.data.world_scale=1.5", "--config.train.data.world_texture=0.0", "--config.train.data.world_speeds=(2, 4)",
   )  # fmt: skip
   assert p.returncode == 0, p.stderr[-2000:]
   recs = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
@@ -101,7 +102,7 @@ def test_panworld_training_logs_its_samples_camera_speed(tmp_path):
   assert len(samples) == 1 and samples[0]["step"] == 2 and np.isfinite(samples[0]["sample/motion"])
   assert np.isfinite(samples[0]["sample/direction_gain"])  # the teacher's probe (asvd.eval.motion.direction_gain)
   assert [r["step"] for r in recs if "loss" in r] == [1, 2]
-  assert [d.name for d in (data / "pan_world").iterdir() if not d.name.startswith(".")] == ["f12_h16_w16_n8_s0_o50_x1.5_t0"]
+  assert [d.name for d in (data / "pan_world").iterdir() if not d.name.startswith(".")] == ["f12_h16_w16_n8_s0_o50_x1.5_t0_v2-4"]
   assert (work / "teacher" / "samples" / "step_000002.mp4").stat().st_size > 0
 
 

@@ -25,7 +25,7 @@ def ref():
 
 def test_real_clips_score_the_captions_speed_and_no_freeze_or_drift(ref):
   cap = "camera pans left quickly over a snowy forest"
-  m = motion.video_metrics(_clip(cap, seed=3), cap, H, (1, 2, 3), ref)
+  m = motion.video_metrics(_clip(cap, seed=3), H, (1, 2, 3), ref)
   for seg in ("1x", "2x", "3x"):
     assert m[seg]["speed"] == pytest.approx(1.0, abs=0.05), m
     assert m[seg]["motion"] == pytest.approx(2.0, abs=0.1)  # "quickly": 2 pixels per frame
@@ -34,7 +34,19 @@ def test_real_clips_score_the_captions_speed_and_no_freeze_or_drift(ref):
   # Every direction and both speeds (the projection on the commanded motion, not its length).
   for cap2 in ("camera pans up slowly over a sandy desert", "camera pans down quickly over a green meadow, a red ball bounces", "camera pans right slowly over a rocky canyon"):
     r2 = motion.Reference.of_caption(cap2, H, 32, 32, clips=2)
-    assert motion.video_metrics(_clip(cap2, seed=1), cap2, H, (1,), r2)["1x"]["speed"] == pytest.approx(1.0, abs=0.1), cap2
+    assert motion.video_metrics(_clip(cap2, seed=1), H, (1,), r2)["1x"]["speed"] == pytest.approx(1.0, abs=0.1), cap2
+
+
+def test_speeds_of_the_data_are_what_the_caption_commands():
+  """A model trained with `train.data.world_speeds=(2, 4)` is measured against those speeds."""
+  cap = "camera pans right slowly over a green meadow"
+  base = pw.parse_caption(cap)
+  v = pw.render_clip(pw.ClipSpec(base.direction, base.speed, base.biome, seed=4), H, 32, 32, speeds={"slowly": 2, "quickly": 4})
+  fast = motion.Reference.of_caption(cap, H, 32, 32, clips=2, speeds={"slowly": 2, "quickly": 4})
+  assert fast.velocity == (0, 2)
+  assert motion.video_metrics(v, H, (1,), fast)["1x"]["speed"] == pytest.approx(1.0, abs=0.05)
+  assert motion.video_metrics(v, H, (1,), motion.Reference.of_caption(cap, H, 32, 32, clips=2))["1x"]["speed"] == pytest.approx(2.0, abs=0.1)
+  assert motion.sample_motion(v, cap, {"slowly": 2, "quickly": 4})["sample/speed"] == pytest.approx(1.0, abs=0.05)
 
 
 def test_sample_motion_of_a_whole_video():
@@ -48,20 +60,20 @@ def test_frozen_reversed_and_fading_videos(ref):
   cap = "camera pans left quickly over a snowy forest"
   v = _clip(cap, seed=5)
   frozen = np.repeat(v[:1], len(v), axis=0)
-  m = motion.video_metrics(frozen, cap, H, (1, 3), ref)["3x"]
+  m = motion.video_metrics(frozen, H, (1, 3), ref)["3x"]
   assert m["speed"] == pytest.approx(0.0, abs=1e-6) and m["motion"] < 1e-6 and m["dynamic"] == 0.0 and m["freeze"] == 1.0
-  back = motion.video_metrics(v[::-1].copy(), cap, H, (1,), ref)["1x"]  # the camera the other way
+  back = motion.video_metrics(v[::-1].copy(), H, (1,), ref)["1x"]  # the camera the other way
   assert back["speed"] == pytest.approx(-1.0, abs=0.05) and back["dynamic"] == 1.0
   # Half as fast: every other frame repeated.
   slow = np.repeat(v[: len(v) // 2 + 1], 2, axis=0)[: len(v)]
-  assert motion.video_metrics(slow, cap, H, (1,), ref)["1x"]["speed"] == pytest.approx(0.5, abs=0.26)
+  assert motion.video_metrics(slow, H, (1,), ref)["1x"]["speed"] == pytest.approx(0.5, abs=0.26)
   # Fading to grey: the frames change, the scene does not move the commanded way and the
   # statistics drift away from the start and from the data.
   w = np.linspace(0.0, 1.0, len(v))[:, None, None, None]
   fade = np.round(v * (1 - w) + 128 * w).astype(np.uint8)
-  f = motion.video_metrics(fade, cap, H, (1, 3), ref)
+  f = motion.video_metrics(fade, H, (1, 3), ref)
   assert f["3x"]["drift_start"] > 5 * f["1x"]["drift_start"] and f["3x"]["drift_data"] > 0.05
-  assert motion.video_metrics(v, cap, H, (1, 3), ref)["3x"]["drift_data"] < 0.03
+  assert motion.video_metrics(v, H, (1, 3), ref)["3x"]["drift_data"] < 0.03
 
 
 def test_dynamic_degree_sees_a_moving_object_on_a_still_background():

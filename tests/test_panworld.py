@@ -78,6 +78,34 @@ def test_tfds_builder_stores_what_the_renderer_draws(tmp_path):
   assert any(s.obj for s in specs) and any(not s.obj for s in specs)
 
 
+def test_camera_speeds_are_a_knob_of_the_data(tmp_path):
+  """`train.data.world_speeds`: the pixels per frame of "slowly" and "quickly"; the dataset's
+  name, its clips' motion and its stored velocities follow them, and bad speeds are one error."""
+  from asvd.config import base_config
+  from asvd.errors import UsageError
+
+  c = base_config()
+  c.train.data.world_speeds = (2, 4)
+  world = pw.world(c)
+  assert world["speeds"] == {"slowly": 2, "quickly": 4}
+  cfg = pw.config_for(frames=4, height=16, width=16, clips=3, seed=1, **world)
+  assert cfg.name == "f4_h16_w16_n3_s1_o50_v2-4" and pw.config_for(4, 16, 16, 3, 1).name == "f4_h16_w16_n3_s1_o50"
+  builder = pw.PanWorld(config=cfg, data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  src = builder.as_data_source(split="train")
+  for i in range(3):
+    ex = src[i]
+    spec = pw.parse_caption(ex["caption"].decode() if isinstance(ex["caption"], bytes) else ex["caption"])
+    want = 2 * np.asarray(spec.velocity(), float)  # twice the default speeds
+    np.testing.assert_array_equal(ex["velocity"], want)
+    for k in range(3):
+      np.testing.assert_allclose(pw.measure_shift(ex["video"][k], ex["video"][k + 1]), -want, atol=0.1)
+  for bad in ((1, 2, 3), (0, 2), (1.5, 2)):
+    c.train.data.world_speeds = bad
+    with pytest.raises(UsageError, match="train.data.world_speeds"):
+      pw.world(c)
+
+
 def test_tokenizer_of_the_grammar(tmp_path):
   """A sentencepiece model trained on the grammar, read by asvd's umT5 tokenizer loader: every
   word of every caption is one token (the comma its own), the file is the same each time."""

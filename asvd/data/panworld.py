@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 
 # The caption grammar: "camera pans {direction} {speed} over {biome}[, {object}]".
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
-SPEEDS = {"slowly": 1, "quickly": 2}  # pixels per frame at the dataset's resolution
+SPEEDS = {"slowly": 1, "quickly": 2}  # pixels per frame at the dataset's resolution (the default)
 # biome -> (low ground, high ground, feature colour, feature density, feature radius in px)
 BIOMES = {
   "a snowy forest": ((235, 240, 245), (200, 210, 225), (30, 80, 45), 0.030, 2.5),
@@ -300,13 +300,24 @@ class PanWorldConfig(tfds.core.BuilderConfig):
   object_prob: float = 0.5
   scale: float = 1.0  # the world's look (render_world)
   texture: float = 0.3
+  speeds: tuple[int, int] = (1, 2)  # the camera's pixels per frame, "slowly" and "quickly"
+
+  def speed_table(self) -> dict[str, int]:
+    return dict(zip(SPEEDS, self.speeds, strict=True))
 
 
-def config_for(frames: int, height: int, width: int, clips: int, seed: int, object_prob: float = 0.5, scale: float = 1.0, texture: float = 0.3) -> PanWorldConfig:
+def config_for(
+  frames: int, height: int, width: int, clips: int, seed: int, object_prob: float = 0.5, scale: float = 1.0, texture: float = 0.3, speeds: dict | None = None
+) -> PanWorldConfig:
+  """The builder config of these clips; its name (the dataset's folder) says everything that
+  changes the pixels."""
+  sp = tuple(int(v) for v in (speeds or SPEEDS).values())
   name = f"f{frames}_h{height}_w{width}_n{clips}_s{seed}_o{round(100 * object_prob)}"
   if (scale, texture) != (1.0, 0.3):
     name += f"_x{scale:g}_t{texture:g}"
-  return PanWorldConfig(name=name, frames=frames, height=height, width=width, clips=clips, seed=seed, object_prob=object_prob, scale=scale, texture=texture)
+  if sp != tuple(SPEEDS.values()):
+    name += "_v" + "-".join(map(str, sp))
+  return PanWorldConfig(name=name, frames=frames, height=height, width=width, clips=clips, seed=seed, object_prob=object_prob, scale=scale, texture=texture, speeds=sp)
 
 
 class PanWorld(tfds.core.GeneratorBasedBuilder):
@@ -343,9 +354,9 @@ class PanWorld(tfds.core.GeneratorBasedBuilder):
     for i in range(c.clips):
       spec = sample_spec(rng, c.object_prob)
       yield i, {
-        "video": render_clip(spec, c.frames, c.height, c.width, scale=c.scale, texture=c.texture),
+        "video": render_clip(spec, c.frames, c.height, c.width, speeds=c.speed_table(), scale=c.scale, texture=c.texture),
         "caption": spec.caption,
-        "velocity": np.asarray(spec.velocity(), np.float32),
+        "velocity": np.asarray(spec.velocity(c.speed_table()), np.float32),
         "world_seed": spec.seed,
         "start": np.asarray(spec.start, np.int64),
         "index": i,
@@ -437,9 +448,21 @@ class TrainingSource:
 
 
 def world(config) -> dict:
-  """`{"scale", "texture"}`: the world's look of a config's PanWorld data (`train.data`)."""
+  """`{"scale", "texture", "speeds"}`: the world's look and the camera's speeds (`{"slowly": px,
+  "quickly": px}` per frame) of a config's PanWorld data (`train.data.world_*`), as `render_clip`
+  takes them; speeds that are not two positive whole pixels are one UsageError."""
+  from asvd.errors import UsageError  # noqa: PLC0415
+
   d = config.train.data
-  return {"scale": float(d.get("world_scale", 1.0)), "texture": float(d.get("world_texture", 0.3))}
+  sp = d.get("world_speeds", tuple(SPEEDS.values()))
+  try:
+    ok = len(sp) == len(SPEEDS) and all(float(v) == int(v) > 0 for v in sp)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise UsageError(f"train.data.world_speeds={sp!r} must be {len(SPEEDS)} positive whole pixels per frame (for {', '.join(map(repr, SPEEDS))}), e.g. (1, 2)")
+  speeds = dict(zip(SPEEDS, (int(v) for v in sp), strict=True))
+  return {"scale": float(d.get("world_scale", 1.0)), "texture": float(d.get("world_texture", 0.3)), "speeds": speeds}
 
 
 def training_source(config, latent_hw, data_dir: str) -> TrainingSource:

@@ -81,18 +81,24 @@ def mean_abs_change(frames_thwc: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-  """What real PanWorld videos of one caption look like: frame statistics and frame change."""
+  """What real PanWorld videos of one caption look like: frame statistics, frame change and the
+  camera's velocity."""
 
   stats: np.ndarray  # [7], as frame_stats
   change: float  # mean absolute difference of consecutive frames
+  velocity: tuple[int, int]  # the caption's camera (dy, dx) in pixels per frame at the data's speeds
 
   @classmethod
-  def of_caption(cls, caption: str, frames: int, height: int, width: int, *, clips: int = 8, seed: int = 0, scale: float = 1.0, texture: float = 0.3) -> Reference:
-    """Renders `clips` clips of `caption` (random worlds and starts; `scale`, `texture`: the
-    world's look, as the model's training data) and measures them."""
+  def of_caption(
+    cls, caption: str, frames: int, height: int, width: int, *, clips: int = 8, seed: int = 0, scale: float = 1.0, texture: float = 0.3, speeds: dict | None = None
+  ) -> Reference:
+    """Renders `clips` clips of `caption` (random worlds and starts; `scale`, `texture`,
+    `speeds`: the world's look and the camera's speeds, as the model's training data,
+    `panworld.world`) and measures them."""
     rng = np.random.default_rng(seed)
-    vids = [panworld.render_clip(panworld.spec_of_caption(caption, rng), frames, height, width, scale=scale, texture=texture) for _ in range(clips)]
-    return cls(np.mean([frame_stats(v) for v in vids], axis=0), float(np.mean([mean_abs_change(v).mean() for v in vids])))
+    vids = [panworld.render_clip(panworld.spec_of_caption(caption, rng), frames, height, width, speeds=speeds, scale=scale, texture=texture) for _ in range(clips)]
+    velocity = panworld.parse_caption(caption).velocity(speeds)
+    return cls(np.mean([frame_stats(v) for v in vids], axis=0), float(np.mean([mean_abs_change(v).mean() for v in vids])), velocity)
 
 
 def segment_metrics(frames_thwc: np.ndarray, velocity, first_thwc: np.ndarray, ref: Reference) -> dict:
@@ -130,17 +136,18 @@ def segments(total: int, horizon: int, multiples) -> dict[str, tuple[int, int]]:
   return out
 
 
-def video_metrics(frames_thwc: np.ndarray, caption: str, horizon: int, multiples, ref: Reference) -> dict[str, dict]:
-  """`{segment: metrics}` of one video of `caption` at each multiple of the horizon."""
-  velocity = panworld.parse_caption(caption).velocity()
+def video_metrics(frames_thwc: np.ndarray, horizon: int, multiples, ref: Reference) -> dict[str, dict]:
+  """`{segment: metrics}` of one video at each multiple of the horizon (`ref`: real clips of
+  its caption, whose camera velocity it is measured against)."""
   first = frames_thwc[:horizon]
-  return {k: segment_metrics(frames_thwc[a:b], velocity, first, ref) for k, (a, b) in segments(len(frames_thwc), horizon, multiples).items()}
+  return {k: segment_metrics(frames_thwc[a:b], ref.velocity, first, ref) for k, (a, b) in segments(len(frames_thwc), horizon, multiples).items()}
 
 
-def sample_motion(frames_thwc: np.ndarray, caption: str) -> dict[str, float]:
+def sample_motion(frames_thwc: np.ndarray, caption: str, speeds: dict | None = None) -> dict[str, float]:
   """`{"sample/speed", "sample/motion"}` of one whole video of `caption` (what the trainer logs
-  for its PanWorld samples): measured speed / commanded, and shift length in pixels per frame."""
-  v = -np.asarray(panworld.parse_caption(caption).velocity(), np.float64)
+  for its PanWorld samples): measured speed / commanded (at the data's `speeds`, default
+  `panworld.SPEEDS`), and shift length in pixels per frame."""
+  v = -np.asarray(panworld.parse_caption(caption).velocity(speeds), np.float64)
   shifts = frame_shifts(frames_thwc)
   return {"sample/speed": float(np.median(shifts @ v) / (v @ v)), "sample/motion": float(np.median(np.hypot(shifts[:, 0], shifts[:, 1])))}
 
@@ -196,12 +203,13 @@ def denoiser_motion(predict, config, sigmas=(0.3, 0.6, 0.8, 0.95), *, clips: int
   """
   specs, x0, eps, codec = _probe_clips(config, clips, seed)
   text = panworld.embed_prompts(config, [s.caption for s in specs])
+  speeds = panworld.world(config)["speeds"]
   out = {}
   for sig in sigmas:
     pred = codec.to_uint8(_clean_prediction(predict, x0, eps, sig, first_clean, text))
     ratios = []
     for p, spec in zip(pred, specs, strict=True):
-      v = -np.asarray(spec.velocity(), np.float64)
+      v = -np.asarray(spec.velocity(speeds), np.float64)
       ratios.append(float(np.median(frame_shifts(p) @ v) / (v @ v)))
     out[float(sig)] = float(np.mean(ratios))
   return out

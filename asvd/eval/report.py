@@ -48,10 +48,11 @@ def _bar(total: int, desc: str, quiet: bool):
   return tqdm(total=total, desc=desc, unit="video", file=sys.stderr, disable=quiet)
 
 
-def real_clips(prompts, frames: int, height: int, width: int, *, seed: int, scale: float, texture: float) -> np.ndarray:
-  """uint8 `[N, frames, H, W, 3]`: one real PanWorld clip per caption (a random world)."""
+def real_clips(prompts, frames: int, height: int, width: int, *, seed: int, **world) -> np.ndarray:
+  """uint8 `[N, frames, H, W, 3]`: one real PanWorld clip per caption (a random world; `world`:
+  the data's look and speeds, `panworld.world`)."""
   rng = np.random.default_rng(seed + 1)
-  return np.stack([panworld.render_clip(panworld.spec_of_caption(p, rng), frames, height, width, scale=scale, texture=texture) for p in prompts])
+  return np.stack([panworld.render_clip(panworld.spec_of_caption(p, rng), frames, height, width, **world) for p in prompts])
 
 
 def evaluate(models: dict, config_for, prompts, out, *, multiples=(1, 2.4, 6), seed: int = 0, quiet: bool = False) -> dict:
@@ -85,7 +86,7 @@ def evaluate(models: dict, config_for, prompts, out, *, multiples=(1, 2.4, 6), s
   refs = {p: motion.Reference.of_caption(p, horizon, hgt, wid, seed=seed, **look) for p in dict.fromkeys(prompts)}
   rows, shares, videos = {}, {}, {}
   real = real_clips(prompts, frames_total, hgt, wid, seed=seed, **look)
-  rows["data"] = motion.aggregate([motion.video_metrics(v, p, horizon, multiples, refs[p]) for v, p in zip(real, prompts, strict=True)])
+  rows["data"] = motion.aggregate([motion.video_metrics(v, horizon, multiples, refs[p]) for v, p in zip(real, prompts, strict=True)])
   for mode, model in models.items():
     cfg = config_for(mode)
     if not quiet:
@@ -95,7 +96,7 @@ def evaluate(models: dict, config_for, prompts, out, *, multiples=(1, 2.4, 6), s
     per = []
     bar = _bar(len(prompts), f"measure {mode}", quiet)
     for v, p in zip(vids, prompts, strict=True):
-      per.append(motion.video_metrics(v, p, horizon, multiples, refs[p]))
+      per.append(motion.video_metrics(v, horizon, multiples, refs[p]))
       bar.update(1)
     bar.close()
     rows[mode], shares[mode], videos[mode] = motion.aggregate(per), groups, vids

@@ -495,9 +495,10 @@ class _Sampler:
     if codec is not None:  # pixel space (PanWorld): the exact decode, 4x upscaled to look at
       frames = codec.to_uint8(lat[None])[0]
       if self.caption:
+        from asvd.data import panworld  # noqa: PLC0415
         from asvd.eval import motion  # noqa: PLC0415
 
-        self.metrics = motion.sample_motion(frames, self.caption)
+        self.metrics = motion.sample_motion(frames, self.caption, panworld.world(self.cfg)["speeds"])
         if self.stage == "teacher":  # does it take the camera's direction from the text yet?
           model = merge(self.graphdef, params, self.gen_frozen)
           # sigma 0.5: where a network that has begun to read the direction gains the most
