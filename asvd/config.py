@@ -110,7 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
       # suits fine-tuning; a teacher trained from scratch wants 0.9).
       # frame_noise_prob: samples whose frames each get their own noise level (Diffusion Forcing;
       # teaches a teacher trained from scratch to carry content between frames early), 0: off.
-      teacher=dict(steps=1000, lr=1e-4, init="", text_dropout=0.1, b1=None, frame_noise_prob=0.0),
+      # motion_warmup (PanWorld only): the first steps on pans over random fields with PanWorld's
+      # captions (asvd.data.pan_fields), so the teacher learns the caption's motion before the
+      # world's look; needs whole-token train.data.world_speeds.
+      teacher=dict(steps=1000, lr=1e-4, init="", text_dropout=0.1, b1=None, frame_noise_prob=0.0, motion_warmup=0),
       causal_init=dict(
         steps=1000,
         lr=1e-5,

@@ -8,10 +8,14 @@ with random, frozen weights (seed `pipeline.text_encoder_seed`).
 Why these choices (measured on 2 CPU cores, README "PanWorld"): tokens wider than the model
 (8x8-pixel patches, 192 numbers into a 128-wide model) could not even denoise at low noise; 4x4-
 pixel tokens learned colours but drew patch-sized blocks that cannot move by one pixel; 2x2-pixel
-tokens draw within a token and move by half a token. Sigma shift 1 (not Wan's 5, which suits
-480p): at this size noise at sigma 0.6 already hides everything. The teacher trains from scratch
-with momentum (b1 0.9) and half of its samples with a noise level per frame (Diffusion
-Forcing), so it learns to carry content from frame to frame early.
+tokens draw within a token. Sigma shift 1 (not Wan's 5, which suits 480p): at this size noise
+at sigma 0.6 already hides everything. The teacher trains from scratch with momentum (b1 0.9)
+and half of its samples with a noise level per frame (Diffusion Forcing). The camera moves by
+whole tokens (2 and 4 pixels per frame, `train.data.world_speeds`), and the teacher's first
+1,000 steps are pans over random fields (`train.teacher.motion_warmup`, asvd/data/pan_fields.py):
+trained on PanWorld alone, a teacher learns the world's look and never reads the caption's
+direction (4,000 steps: the same error with every direction reversed), so its videos stand
+still; after the warm-up it reads it within a few hundred steps.
 
 Args (after `:`): `f32` (default) or `bf16`.
 """
@@ -33,8 +37,8 @@ def get_config(arg=None):
   c.pipeline.text_encoder = dict(vocab_size=192, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)
   t = c.train
   t.update(horizon_frames=9, batch_size=4, checkpoint_every=100, keep=2, sample_every=200, sample_chunks=6)
-  t.data.update(name="panworld", frames=12, clips=4096)
-  t.teacher.update(steps=400, lr=2e-3, b1=0.9, frame_noise_prob=0.5)
+  t.data.update(name="panworld", frames=12, clips=4096, world_speeds=(2, 4))
+  t.teacher.update(steps=2000, lr=2e-3, b1=0.9, frame_noise_prob=0.5, motion_warmup=1000)
   t.causal_init.update(steps=200, lr=2e-4, ode_steps=16)
   t.dmd.update(steps=100, generator_lr=2e-5, critic_lr=4e-5, rollout_chunks=6, ema_start=20, reencode_first=False)
   return c

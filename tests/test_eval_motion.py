@@ -83,8 +83,8 @@ def test_generate_with_no_flag_runs_the_bundled_model(tmp_path, monkeypatch, cap
 
 
 def test_panworld_training_logs_its_samples_camera_speed(tmp_path):
-  """A PanWorld teacher run logs `sample/speed` and `sample/motion` with each sample video (and
-  `sample/direction_gain`),
+  """A PanWorld teacher run (its first step on field pans, `train.teacher.motion_warmup`) logs
+  `sample/speed` and `sample/motion` with each sample video (and `sample/direction_gain`),
   measured on the decoded frames against the sampled caption (the dataset's first); the
   world's look and speeds (`train.data.world_scale` / `world_texture` / `world_speeds`) name
   its own dataset."""
@@ -94,15 +94,17 @@ def test_panworld_training_logs_its_samples_camera_speed(tmp_path):
     "train", "--config", "configs/panworld.py", "--workdir", str(work), "--no-progress", *SMALL,
     "--config.train.stages=('teacher',)", "--config.train.teacher.steps=2", "--config.train.sample_every=2",
     "--config.train.data.clips=8", "--config.train.causal_init.ode_steps=2", f"--config.train.data.data_dir={data}",
-    "--config.train.data.world_scale=1.5", "--config.train.data.world_texture=0.0", "--config.train.data.world_speeds=(2, 4)",
+    "--config.train.data.world_scale=1.5", "--config.train.data.world_texture=0.0", "--config.train.data.world_speeds=(4, 8)",
+    "--config.train.teacher.motion_warmup=1",
   )  # fmt: skip
   assert p.returncode == 0, p.stderr[-2000:]
+  assert "steps 1-1 on field pans" in p.stderr
   recs = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
   samples = [r for r in recs if "sample/speed" in r]
   assert len(samples) == 1 and samples[0]["step"] == 2 and np.isfinite(samples[0]["sample/motion"])
   assert np.isfinite(samples[0]["sample/direction_gain"])  # the teacher's probe (asvd.eval.motion.direction_gain)
   assert [r["step"] for r in recs if "loss" in r] == [1, 2]
-  assert [d.name for d in (data / "pan_world").iterdir() if not d.name.startswith(".")] == ["f12_h16_w16_n8_s0_o50_x1.5_t0_v2-4"]
+  assert [d.name for d in (data / "pan_world").iterdir() if not d.name.startswith(".")] == ["f12_h16_w16_n8_s0_o50_x1.5_t0_v4-8"]
   assert (work / "teacher" / "samples" / "step_000002.mp4").stat().st_size > 0
 
 

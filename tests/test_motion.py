@@ -108,7 +108,7 @@ def test_denoiser_motion_tells_a_denoiser_that_knows_the_motion_from_one_that_st
   codec = pixel_codec.from_config(cfg)
   n, frames, clips = 8 * codec.patch, int(cfg.train.horizon_frames), 6
   rng = np.random.default_rng(0)  # the clips denoiser_motion draws (seed 0), drawn again here
-  vids = np.stack([pw.render_clip(pw.sample_spec(rng), frames, n, n) for _ in range(clips)])
+  vids = np.stack([pw.render_clip(pw.sample_spec(rng), frames, n, n, **pw.world(cfg)) for _ in range(clips)])
   x0 = np.asarray(codec.encode(vids.astype(np.float32) / 127.5 - 1.0))
 
   def flow_to(target):
@@ -135,7 +135,7 @@ def test_direction_gain_tells_a_denoiser_that_reads_the_direction_from_one_that_
   n, frames, clips = 8 * codec.patch, int(cfg.train.horizon_frames), 4
   rng = np.random.default_rng(0)  # the clips direction_gain draws (seed 0), drawn again here
   specs = [pw.sample_spec(rng) for _ in range(clips)]
-  x0 = np.asarray(codec.encode(np.stack([pw.render_clip(s, frames, n, n) for s in specs]).astype(np.float32) / 127.5 - 1.0))
+  x0 = np.asarray(codec.encode(np.stack([pw.render_clip(s, frames, n, n, **pw.world(cfg)) for s in specs]).astype(np.float32) / 127.5 - 1.0))
   own = np.asarray(pw.embed_prompts(cfg, [s.caption for s in specs]))
   off = 0.3 * np.random.default_rng(1).standard_normal(x0.shape).astype(np.float32)  # both err a little
 

@@ -68,13 +68,15 @@ def data_source(config, latent_hw, data_dir: str):
   return builder.as_data_source(split=data_cfg.get("split", "train"))
 
 
-def make_iterator(config, latent_hw, *, batch_size: int, seed: int, data_dir: str, process_index=None, process_count=None):
+def make_iterator(config, latent_hw, *, batch_size: int, seed: int, data_dir: str, warmup: int = 0, process_index=None, process_count=None):
   """An endless, resumable grain iterator of batches `{"latents": [B, T, h, w, C], "text": [B, L, D]}`.
 
   `batch_size` is this process's share of the global batch. Every process walks the same
   shuffled stream, and process `i` of `n` takes every n-th block of `batch_size` examples
   starting at block `i`, so the global batch (the processes' blocks in process order) is the
-  same for any number of processes: a run reproduces across topologies.
+  same for any number of processes: a run reproduces across topologies. With `warmup` > 0 the
+  first `warmup` batches are PanWorld's field pans (`asvd.data.pan_fields`, the teacher's
+  motion warm-up), then the data; one iterator state covers both.
   """
   import grain  # noqa: PLC0415
   import jax  # noqa: PLC0415
@@ -86,6 +88,12 @@ def make_iterator(config, latent_hw, *, batch_size: int, seed: int, data_dir: st
   if len(ds) < batch_size * pc:
     raise UsageError(f"train.data: {len(ds)} examples, fewer than the global train.batch_size={batch_size * pc}")
   ds = ds.shuffle(seed=seed).repeat().map(_fields).batch(batch_size, drop_remainder=True)[pi::pc]
+  if warmup > 0:
+    from asvd.data import pan_fields  # noqa: PLC0415
+
+    ws = grain.MapDataset.source(pan_fields.warmup_source(config, latent_hw, os.path.abspath(os.path.expanduser(data_dir))))
+    ws = ws.shuffle(seed=seed + 1).repeat().map(_fields).batch(batch_size, drop_remainder=True)[pi::pc][: int(warmup)]
+    ds = grain.MapDataset.concatenate([ws, ds])
   return iter(ds.to_iter_dataset())
 
 

@@ -105,6 +105,13 @@ def check_config(cfg) -> None:
     raise UsageError(f"train.data.frames={frames}: the stages {tuple(t.stages)} need clips of at least {need} latent frames (teacher: H; teacher-forcing causal_init: Wp + F)")
   if "dmd" in t.stages and t.dmd.reencode_vae and not os.path.exists(t.dmd.reencode_vae):
     raise UsageError(f"train.dmd.reencode_vae={t.dmd.reencode_vae!r}: no such file or folder")
+  warm = t.teacher.get("motion_warmup", 0)
+  if "teacher" in t.stages and warm:
+    if isinstance(warm, bool) or not isinstance(warm, int) or not 0 <= warm < int(t.teacher.steps):
+      raise UsageError(f"train.teacher.motion_warmup={warm!r} must be a whole number of steps in [0, train.teacher.steps={t.teacher.steps})")
+    from asvd.data import pan_fields  # noqa: PLC0415
+
+    pan_fields.token_speeds(cfg)  # PanWorld data moving by whole tokens per frame
   if "dmd" in t.stages and int(t.dmd.critic_per_generator) < 1:
     raise UsageError(f"train.dmd.critic_per_generator={t.dmd.critic_per_generator} must be >= 1")
 
@@ -349,7 +356,10 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
         data_source(cfg, lay.latent_hw, data_dir)
       distributed.barrier(f"asvd_data_{stage}")
     # train.batch_size is the global batch; each process reads its share of the data.
-    it = make_iterator(cfg, lay.latent_hw, batch_size=int(t.batch_size) // jax.process_count(), seed=seed, data_dir=data_dir)
+    warmup = int(t.teacher.get("motion_warmup", 0)) if stage == "teacher" else 0
+    it = make_iterator(cfg, lay.latent_hw, batch_size=int(t.batch_size) // jax.process_count(), seed=seed, data_dir=data_dir, warmup=warmup)
+    if warmup and (latest or 0) < warmup:
+      print(f"[asvd] teacher: steps 1-{warmup} on field pans (train.teacher.motion_warmup), then the data", file=sys.stderr)
 
     if latest is not None:  # resume: the whole state or nothing
       _quiet_closed_loop_callbacks()
