@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Sets everything up (venv + asvd) and runs the main job. Until the bundled model exists this is a
-# random-weight smoke run of the streaming adaptive-state generator (tiny config): it streams
-# CHUNKS chunks through the jitted transition and writes latents + an attention-share plot.
-# Usage: bash launch/run.sh [OUT_DIR] [extra `asvd generate` args, e.g. --config.rollout.anchor=sink]
+# Sets everything up (venv + asvd) and runs the main job: the bundled adaptive-state PanWorld model
+# (asvd/assets/panworld, trained by launch/panworld_bundle.py; no download) generates a video of 6x its
+# training horizon for the default caption -> out/panworld/video.mp4 + frames.png, then
+# `asvd eval motion` measures every bundled anchor mode against the captions' true camera motion ->
+# out/panworld-eval/eval.md (+ eval.json and plots).
+# Usage: bash launch/run.sh [extra `asvd generate` args, e.g. --prompt "camera pans up slowly over a green meadow"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh ""
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-out="${1:-out/demo}"; shift || true
-asvd generate --config configs/tiny.py --init random --chunks "${CHUNKS:-8}" --seed 0 --out "$out" "$@"
-asvd eval attention --config configs/tiny.py --init random --chunks 6 --out "$out" "$@"
+asvd generate "$@"
+asvd eval motion --out out/panworld-eval
