@@ -83,3 +83,9 @@ def test_configs_that_cannot_warm_up_are_one_error():
   ):
     with pytest.raises(asvd.UsageError, match=words.replace("(", r"\(").replace(")", r"\)")):
       check_config(_cfg(*over))
+  # Fields move in latent positions: with 2x2-latent DiT tokens (4 px) a (4, 8)-pixel camera is
+  # 2 and 4 latent positions per frame, as the data's latents move.
+  big = _cfg("--config.model.patch_size=(1, 2, 2)", "--config.train.data.world_speeds=(4, 8)")
+  assert pan_fields.token_speeds(big) == {"slowly": 2, "quickly": 4}
+  with pytest.raises(asvd.UsageError, match="4-pixel token"):
+    pan_fields.token_speeds(_cfg("--config.model.patch_size=(1, 2, 2)"))  # (2, 4) px: half a token

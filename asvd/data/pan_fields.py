@@ -55,19 +55,23 @@ class FieldSource:
 
 
 def token_speeds(config) -> dict[str, int]:
-  """PanWorld's camera speeds in latent tokens per frame. Data other than PanWorld, or speeds
-  that are not whole tokens (e.g. the default 1 and 2 pixels with 2x2-pixel tokens: a field
-  cannot move by part of a token), are one UsageError."""
+  """PanWorld's camera speeds in latent positions per frame (what `field_clip` shifts by). Data
+  other than PanWorld, or speeds that are not whole DiT tokens (e.g. the default 1 and 2 pixels
+  with 2x2-pixel tokens: a field cannot move by part of a token), are one UsageError."""
+  from asvd.models import pixel_codec  # noqa: PLC0415
+
   if config.train.data.name != "panworld":
     raise UsageError(f"train.teacher.motion_warmup warms a PanWorld teacher up on its captions' motion; train.data.name={config.train.data.name!r} has no such captions")
-  patch = int(config.pipeline.get("pixel_patch", 0) or 0) * int(config.model.patch_size[1])
+  codec = pixel_codec.from_config(config)
+  latent_px = codec.patch if codec is not None else 0  # pixels per latent position
+  token_px = latent_px * max(int(config.model.patch_size[1]), int(config.model.patch_size[2]))  # pixels per DiT token
   px = panworld.world(config)["speeds"]
-  if patch < 1 or any(v % patch for v in px.values()):
+  if token_px < 1 or any(v % token_px for v in px.values()):
     raise UsageError(
       f"train.teacher.motion_warmup pans fields by whole tokens: train.data.world_speeds={tuple(px.values())} pixels per frame"
-      f" are not multiples of the {patch}-pixel token (pipeline.pixel_patch x model.patch_size); e.g. world_speeds=({patch}, {2 * patch})"
+      f" are not multiples of the {token_px}-pixel token (pipeline.pixel_patch x model.patch_size); e.g. world_speeds=({token_px}, {2 * token_px})"
     )
-  return {k: v // patch for k, v in px.items()}
+  return {k: v // latent_px for k, v in px.items()}
 
 
 def warmup_source(config, latent_hw, data_dir: str) -> FieldSource:
