@@ -126,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
         teacher="",  # the ODE teacher (default: train.dmd.teacher, else this workdir's teacher model)
         ode_steps=40,  # the teacher's Euler steps per trajectory
         ode_cfg_scale=3.0,  # Self-Forcing's form cond + s (cond - uncond), as dmd.cfg_scale
+        # ode_bank: a .npz file of ode_bank_size teacher trajectories, sampled once (then read;
+        # asvd.train.ode_bank), instead of an ODE in every step; "" = sample in every step.
+        ode_bank="",
+        ode_bank_size=1024,
       ),
       dmd=dict(
         steps=600,

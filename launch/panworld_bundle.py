@@ -7,7 +7,9 @@ The commands it runs (all `asvd train`, resumable: rerun this script after an in
 
 1. the teacher, once: `--config.train.stages='("teacher",)'` in `WORKDIR/teacher`;
 2. per anchor mode (adaptive, sink, ema, none) in `WORKDIR/<mode>`: causal initialisation, then
-   DMD, both from that one teacher (`--config.train.dmd.teacher`), `rollout.anchor=<mode>`;
+   DMD, both from that one teacher (`--config.train.dmd.teacher`), `rollout.anchor=<mode>`; with
+   the ODE init (`train.causal_init.method="ode"`) the modes share one bank of the teacher's
+   trajectories, `WORKDIR/ode_bank.npz`, sampled by the first;
 3. copies each mode's final DMD generator (its EMA) to `DEST/<mode>` and writes
    `DEST/record.json` (the commands, steps, final losses, wall times, the machine, the commit)
    and `benchmarks/results/panworld_train_<machine>.json` (seconds per step of each stage).
@@ -103,10 +105,15 @@ def main() -> None:
   dt = _run(["train", *common_flags, "--workdir", teacher_dir, "--config.train.stages=('teacher',)"], log)
   stages.append({"mode": "-", "stage": "teacher", "seconds": round(dt, 1), **_final(teacher_dir, "teacher")})
   teacher = os.path.join(teacher_dir, "teacher", "model")
+  import asvd  # noqa: PLC0415
+
+  # With the ODE init, the modes share one bank of the teacher's trajectories (sampled once).
+  ode = asvd.load_config(os.path.join(_REPO, CONFIG), extra).train.causal_init.method == "ode"
+  bank = [f"--config.train.causal_init.ode_bank={os.path.join(wd, 'ode_bank.npz')}"] if ode else []
   for mode in modes:
     mdir = os.path.join(wd, mode)
     for stage in ("causal_init", "dmd"):
-      flags = [*common_flags, "--workdir", mdir, f"--config.rollout.anchor={mode}", f"--config.train.dmd.teacher={teacher}", f"--config.train.stages=('{stage}',)"]
+      flags = [*common_flags, *bank, "--workdir", mdir, f"--config.rollout.anchor={mode}", f"--config.train.dmd.teacher={teacher}", f"--config.train.stages=('{stage}',)"]
       dt = _run(["train", *flags], log)
       stages.append({"mode": mode, "stage": stage, "seconds": round(dt, 1), **_final(mdir, stage)})
   total = time.perf_counter() - t_all

@@ -237,7 +237,8 @@ def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_
 def causal_init_step(graphdef, tx, cfg, lay: tr.Layout, teacher_graphdef=None):
   """Causal initialisation by `train.causal_init.method`: "teacher_forcing" (flow matching on
   data clips) or "ode" (regression on trajectories the frozen teacher, `frozen.teacher` with
-  graph `teacher_graphdef`, samples inside the step from the batch's prompts)."""
+  graph `teacher_graphdef`, samples inside the step from the batch's prompts, or the batch's
+  `ode_path` drawn from a bank of them, `asvd.train.ode_bank`)."""
   c = cfg.train.causal_init
   shift, p_first, method = float(cfg.sampler.shift), float(c.first_chunk_prob), str(c.method)
   h = int(cfg.train.horizon_frames)
@@ -245,7 +246,9 @@ def causal_init_step(graphdef, tx, cfg, lay: tr.Layout, teacher_graphdef=None):
   def step(state: TrainState, batch, frozen: Frozen | None = None):
     frozen = frozen or Frozen()
     key, sub, k_ode = jax.random.split(state.key, 3)
-    if method == "ode":
+    if method == "ode" and "ode_path" in batch:  # a batch of the bank (asvd.train.ode_bank)
+      path = batch["ode_path"]
+    elif method == "ode":
       teacher = nnx.merge(teacher_graphdef, frozen.teacher)
       path = teacher_trajectory(teacher, lay, batch["text"], k_ode, h, int(c.ode_steps), shift, float(c.ode_cfg_scale))
 

@@ -92,6 +92,13 @@ def check_config(cfg) -> None:
     raise UsageError(f"train.horizon_frames={h}: ODE causal init samples H-frame clips holding the context and a chunk, Wp + F = {lay.window_frames + lay.chunk_frames}")
   if ode and int(t.causal_init.ode_steps) < 1:
     raise UsageError(f"train.causal_init.ode_steps={t.causal_init.ode_steps} must be >= 1")
+  bank = str(t.causal_init.get("ode_bank", "") or "")
+  if bank and t.causal_init.method != "ode":
+    raise UsageError(f"train.causal_init.ode_bank={bank!r}: a bank of teacher trajectories serves method 'ode' only, not {t.causal_init.method!r}")
+  if bank and not bank.endswith(".npz"):
+    raise UsageError(f"train.causal_init.ode_bank={bank!r}: name a .npz file")
+  if bank and int(t.causal_init.ode_bank_size) < int(t.batch_size):
+    raise UsageError(f"train.causal_init.ode_bank_size={t.causal_init.ode_bank_size} must be >= train.batch_size={t.batch_size}")
   if int(t.sample_every) < 0 or int(t.sample_chunks) < 1:
     raise UsageError(f"train.sample_every={t.sample_every} must be >= 0 and train.sample_chunks={t.sample_chunks} >= 1")
   if int(t.sample_every) > 0 and any(s != "teacher" for s in t.stages):
@@ -324,7 +331,7 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
     extra, frozen = {}, st.Frozen(generator=gen_frozen)
     score_graphdef = critic_graphdef = None
     if stage == "dmd" or (stage == "causal_init" and t.causal_init.method == "ode"):
-      teacher_model, _ = _init_model(cfg, stage, workdir, "teacher", seed + 2)
+      teacher_model, teacher_source = _init_model(cfg, stage, workdir, "teacher", seed + 2)
       score_graphdef, teacher = nnx.split(teacher_model)
       if t.dmd.teacher_dtype != "float32":
         teacher = jax.tree.map(lambda x: x.astype(jnp.dtype(t.dmd.teacher_dtype)), teacher)
@@ -360,6 +367,10 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
     it = make_iterator(cfg, lay.latent_hw, batch_size=int(t.batch_size) // jax.process_count(), seed=seed, data_dir=data_dir, warmup=warmup)
     if warmup and (latest or 0) < warmup:
       print(f"[asvd] teacher: steps 1-{warmup} on field pans (train.teacher.motion_warmup), then the data", file=sys.stderr)
+
+    bank = None
+    if stage == "causal_init" and t.causal_init.method == "ode" and t.causal_init.get("ode_bank", ""):
+      bank = _ode_bank(cfg, lay, score_graphdef, frozen.teacher, teacher_source, data_dir, mesh, progress)
 
     if latest is not None:  # resume: the whole state or nothing
       _quiet_closed_loop_callbacks()
@@ -409,7 +420,8 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
     sampler = _Sampler(cfg, stage, lay, graphdef, gen_frozen, data_dir, mesh, rules) if sampling else None
     try:
       while step < total:
-        batch = jax.tree.map(jnp.asarray, next(it)) if mesh is None else shard_lib.place_batch(next(it), mesh, rules)
+        raw = next(it) if bank is None else bank.batch(step, int(t.batch_size), seed, jax.process_index(), jax.process_count())
+        batch = jax.tree.map(jnp.asarray, raw) if mesh is None else shard_lib.place_batch(raw, mesh, rules)
         if jits:  # before the first step: compiled (once) and checked against the free memory
           _preflight(stage, jits, state, batch, frozen, cfg)
           jits = None
@@ -457,6 +469,38 @@ def _run_stage(cfg, workdir, stage, index, lay, log, stop, progress):
     return _stage_model(workdir, stage)
   finally:
     mngr.close()
+
+
+def _ode_bank(cfg, lay, teacher_graphdef, teacher, teacher_source, data_dir, mesh, progress):
+  """`train.causal_init.ode_bank`: the teacher's trajectories, read from the file or sampled into
+  it once (`asvd.train.ode_bank`). Their prompts and noise come from `train.seed` alone, so every
+  run with the same teacher and data (the bundle's anchor modes) can share one file."""
+  from asvd.data.pipeline import make_iterator  # noqa: PLC0415
+  from asvd.train import ode_bank  # noqa: PLC0415
+
+  t, c = cfg.train, cfg.train.causal_init
+  h, shift = int(t.horizon_frames), float(cfg.sampler.shift)
+
+  def fn(teacher, text, key):
+    return st.teacher_trajectory(nnx.merge(teacher_graphdef, teacher), lay, text, key, h, int(c.ode_steps), shift, float(c.ode_cfg_scale))
+
+  jitted = jax.jit(fn)
+  if mesh is not None:  # every process holds the same prompts: replicated over the mesh
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    put = lambda x: jax.device_put(x, rep)  # noqa: E731
+  else:
+    put = lambda x: x  # noqa: E731
+
+  def teacher_fn(text, key):
+    return distributed.to_host(jitted(teacher, put(text), key))
+
+  def make_it():  # the whole batch on every process, its own seed: the bank is the same anywhere
+    return make_iterator(cfg, lay.latent_hw, batch_size=int(t.batch_size), seed=int(t.seed) + 17, data_dir=data_dir, process_index=0, process_count=1)
+
+  want = ode_bank.meta_for(cfg, lay, teacher, teacher_source)
+  return ode_bank.load_or_sample(
+    str(c.ode_bank), want, teacher_fn, make_it, jax.random.PRNGKey(int(t.seed) + 17), lead=distributed.is_lead(), progress=progress, barrier=distributed.barrier
+  )
 
 
 class _Sampler:
