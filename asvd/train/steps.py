@@ -132,7 +132,7 @@ def _context_cache(model, lay: tr.Layout, ctx_frames, text, key, first):
   return cache.replace(valid=cache.valid & ~first[:, None])
 
 
-def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_prob: float):
+def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_prob: float, state_target: str = "last_frame"):
   """The geometry both causal-init losses train on, from clean clips `[B, T, ...]`.
 
   A random offset `o` picks `Wp` context frames and the `F` frames after them; the context is
@@ -140,8 +140,11 @@ def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_p
   mode its last frame becomes the state). With probability `first_chunk_prob` a sample sees an
   empty cache instead (the first chunk of a video). Returns `(o, text, cache, target)`: the live
   text K/V (the text path learns), the cache, and the clean `[state target; chunk]` (the chunk
-  alone outside `adaptive` mode), the state's target being `train.state_init_target =
-  "last_frame"`: the context's last frame, or the chunk's first for a first chunk.
+  alone outside `adaptive` mode), the state's target by `train.state_init_target`:
+  "last_frame" (method.md), the context's last frame (the chunk's first for a first chunk);
+  "own_last_frame", the chunk's own last frame, i.e. what the state slot holds in this stage's
+  caches (`write_given` puts the last given frame there), so that the state a chunk emits is what
+  the next chunk was trained to find in the slot.
   """
   b, t_total = clips.shape[:2]
   f, wp, fs = lay.chunk_frames, lay.window_frames, lay.state_frames
@@ -153,17 +156,20 @@ def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_p
   first = jax.random.bernoulli(k_first, first_chunk_prob, (b,))
   cache = _context_cache(model, lay, ctx_frames, text, k_ctx, first)
   if lay.anchor == "adaptive":
-    state_target = jnp.where(first[:, None, None, None, None], chunk[:, :fs], ctx_frames[:, -fs:])
-    chunk = jnp.concatenate([state_target, chunk], axis=1)
+    if state_target == "own_last_frame":
+      target = chunk[:, -fs:]
+    else:
+      target = jnp.where(first[:, None, None, None, None], chunk[:, :fs], ctx_frames[:, -fs:])
+    chunk = jnp.concatenate([target, chunk], axis=1)
   return o, text, cache, chunk
 
 
-def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: float, first_chunk_prob: float):
+def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: float, first_chunk_prob: float, state_target: str = "last_frame"):
   """Flow matching of one chunk (and the state) against a cache written from clean data frames
   (`_chunk_in_context`); the model predicts the flow of the noised [state target; chunk] with
   `transition.flow`, the inference call."""
   k_geom, k_loss = jax.random.split(key)
-  _, text, cache, target = _chunk_in_context(model, lay, latents, text_ctx, k_geom, first_chunk_prob)
+  _, text, cache, target = _chunk_in_context(model, lay, latents, text_ctx, k_geom, first_chunk_prob, state_target)
 
   def predict(xt, t):
     return tr.flow(model, lay, cache, xt, t, text)
@@ -210,7 +216,7 @@ def teacher_trajectory(teacher, lay: tr.Layout, text_ctx, key, frames: int, step
   return jax.lax.stop_gradient(jnp.moveaxis(path, 0, 1))
 
 
-def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_prob: float):
+def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_prob: float, state_target: str = "last_frame"):
   """Mean squared error of the student's `x0` from a recorded point of the teacher's ODE.
 
   `path [B, K + 1, T, ...]` is `teacher_trajectory`. A random offset picks `Wp` context frames of
@@ -221,7 +227,7 @@ def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_
   """
   b, f, fz = path.shape[0], lay.chunk_frames, lay.z_frames
   k_geom, k_step, k_eps = jax.random.split(key, 3)
-  o, text, cache, target = _chunk_in_context(model, lay, path[:, -1], text_ctx, k_geom, first_chunk_prob)
+  o, text, cache, target = _chunk_in_context(model, lay, path[:, -1], text_ctx, k_geom, first_chunk_prob, state_target)
   k = jax.random.randint(k_step, (b,), 0, len(lay.sigmas))
   sigma = jnp.asarray(lay.sigmas, jnp.float32)[k]
   x_t = jax.lax.dynamic_slice_in_dim(path[jnp.arange(b), k], o + lay.window_frames, f, axis=1)  # [B, F, ...]
@@ -241,7 +247,7 @@ def causal_init_step(graphdef, tx, cfg, lay: tr.Layout, teacher_graphdef=None):
   `ode_path` drawn from a bank of them, `asvd.train.ode_bank`)."""
   c = cfg.train.causal_init
   shift, p_first, method = float(cfg.sampler.shift), float(c.first_chunk_prob), str(c.method)
-  h = int(cfg.train.horizon_frames)
+  h, st_target = int(cfg.train.horizon_frames), str(cfg.train.state_init_target)
 
   def step(state: TrainState, batch, frozen: Frozen | None = None):
     frozen = frozen or Frozen()
@@ -255,8 +261,8 @@ def causal_init_step(graphdef, tx, cfg, lay: tr.Layout, teacher_graphdef=None):
     def loss_fn(p):
       model = merge(graphdef, p, frozen.generator)
       if method == "ode":
-        return ode_regression_loss(model, lay, path, batch["text"], sub, p_first)
-      return teacher_forcing_loss(model, lay, batch["latents"], batch["text"], sub, shift, p_first)
+        return ode_regression_loss(model, lay, path, batch["text"], sub, p_first, st_target)
+      return teacher_forcing_loss(model, lay, batch["latents"], batch["text"], sub, shift, p_first, st_target)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     params, opt_state, m = _apply(tx, grads, state.opt_state, state.params, "model")

@@ -71,8 +71,8 @@ def check_config(cfg) -> None:
     raise UsageError(f"train.stages={tuple(t.stages)}: choose from {STAGES}, in order")
   if list(t.stages) != sorted(t.stages, key=STAGES.index):
     raise UsageError(f"train.stages={tuple(t.stages)} must keep the order {STAGES}")
-  if t.state_init_target != "last_frame":
-    raise UsageError(f"train.state_init_target={t.state_init_target!r}: only 'last_frame' is implemented")
+  if t.state_init_target not in ("last_frame", "own_last_frame"):
+    raise UsageError(f"train.state_init_target={t.state_init_target!r}: choose 'last_frame' or 'own_last_frame'")
   for s in t.stages:
     if int(t[s].steps) < 1:
       raise UsageError(f"train.{s}.steps={t[s].steps} must be >= 1")
