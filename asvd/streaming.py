@@ -342,8 +342,9 @@ def prefill(model: WanDiT, context, latents, *, config, sampler_config=None, car
 
   The frames are written into the cache exactly as generated frames would be: chunk by chunk
   (groups of `F`, the remainder as a smaller group), each by the clean re-run at the context
-  timestep. In `adaptive` mode the last given frame also starts the state (the
-  `state_init_target="last_frame"` choice of the causal-initialisation stage); in `sink` mode
+  timestep. In `adaptive` mode the last given frame also starts the state (what the causal
+  initialisation's default `train.state_init_target="own_last_frame"` trains a chunk to emit);
+  in `sink` mode
   the first given frames become the sink. Pass the returned carry to `rollout(carry=...)` or
   `stream(carry=...)`.
 

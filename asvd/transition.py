@@ -357,7 +357,8 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
 def write_given(model: WanDiT, lay: Layout, state, cache: Cache, x, key=None):
   """Writes given clean frames `x [B, g, H, W, C]` (g = `lay.chunk_frames`) into the cache as
   if the transition had generated them: the clean re-run of step 4, with, in `adaptive` mode,
-  the last given frame as the state (`train.state_init_target = "last_frame"`). Used by
+  the last given frame as the state (what a chunk learns to emit with the causal init's default
+  `train.state_init_target = "own_last_frame"`). Used by
   `asvd.prefill` (conditioning) and by teacher-forced training. `key` draws the re-run's noise
   when the layout noises it (`Layout.context_noise`). Returns `(state, cache)`.
   """

@@ -35,6 +35,31 @@ def test_teacher_and_causal_init_losses_decrease(tiny):
   assert_decreasing(run_fixed_key(step, state, 4, batch, frozen))
 
 
+def test_causal_init_state_target_is_what_the_next_chunk_finds_in_the_slot(tiny):
+  """`train.state_init_target="own_last_frame"` (the default): a chunk's state target is the state
+  `write_given` puts in the slot when that chunk is the context, the cache the next chunk trains
+  on; method.md's "last_frame" is the context's last frame, a chunk behind it."""
+  from asvd import transition as tr
+
+  cfg, lay, batch = tiny
+  assert cfg.train.state_init_target == "own_last_frame" and lay.anchor == "adaptive"
+  model = asvd.init_dit(cfg.model, 3)
+  clips, text, key = batch["latents"], batch["text"], jax.random.PRNGKey(4)
+  f, wp, fs = lay.chunk_frames, lay.window_frames, lay.state_frames
+  for target_kind in ("own_last_frame", "last_frame"):
+    for first in (0.0, 1.0):  # a chunk in context; a first chunk (empty cache)
+      o, _, _, target = st._chunk_in_context(model, lay, clips, text, key, first, target_kind)
+      chunk = clips[:, o + wp : o + wp + f]
+      np.testing.assert_array_equal(target[:, fs:], chunk)
+      slot, _ = tr.write_given(tr.frozen(model), lay, *tr.empty_carry(model, model.text_kv(text), lay), chunk, key)
+      if target_kind == "own_last_frame":
+        np.testing.assert_array_equal(target[:, :fs], slot)
+      else:
+        want = chunk[:, :fs] if first else clips[:, o + wp - fs : o + wp]
+        np.testing.assert_array_equal(target[:, :fs], want)
+        assert not np.array_equal(target[:, :fs], slot)
+
+
 def test_a_stage_may_have_its_own_adam_momentum(tiny):
   """`train.<stage>.b1` (None: `train.optimizer.b1`) sets that stage's Adam momentum only."""
   cfg, _, _ = tiny

@@ -132,7 +132,7 @@ def _context_cache(model, lay: tr.Layout, ctx_frames, text, key, first):
   return cache.replace(valid=cache.valid & ~first[:, None])
 
 
-def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_prob: float, state_target: str = "last_frame"):
+def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_prob: float, state_target: str = "own_last_frame"):
   """The geometry both causal-init losses train on, from clean clips `[B, T, ...]`.
 
   A random offset `o` picks `Wp` context frames and the `F` frames after them; the context is
@@ -164,7 +164,7 @@ def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_p
   return o, text, cache, chunk
 
 
-def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: float, first_chunk_prob: float, state_target: str = "last_frame"):
+def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: float, first_chunk_prob: float, state_target: str = "own_last_frame"):
   """Flow matching of one chunk (and the state) against a cache written from clean data frames
   (`_chunk_in_context`); the model predicts the flow of the noised [state target; chunk] with
   `transition.flow`, the inference call."""
@@ -216,7 +216,7 @@ def teacher_trajectory(teacher, lay: tr.Layout, text_ctx, key, frames: int, step
   return jax.lax.stop_gradient(jnp.moveaxis(path, 0, 1))
 
 
-def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_prob: float, state_target: str = "last_frame"):
+def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_prob: float, state_target: str = "own_last_frame"):
   """Mean squared error of the student's `x0` from a recorded point of the teacher's ODE.
 
   `path [B, K + 1, T, ...]` is `teacher_trajectory`. A random offset picks `Wp` context frames of
