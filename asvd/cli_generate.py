@@ -348,6 +348,9 @@ def cmd_generate(args, overrides) -> None:
 
     vae = pixel_codec.from_config(cfg)
   f = int(cfg.rollout.chunk_frames)
+  if vae is not None:  # the decoder's pre-flight, before the DiT's work (pixel codecs: nothing to check)
+    shape = (int(np.shape(context)[0]), f, *cfg.rollout.latent_hw, int(model.cfg.out_channels))
+    pipeline.check_decoder_memory(vae, shape, cache_dtype=pipeline.decode_cache_dtype(cfg), setting=memory.setting(cfg))
   chunks = []
   prog = _Progress(args.chunks, "generate", f)
 

@@ -182,12 +182,38 @@ class T2V:
     from asvd import sharding as shard_lib  # noqa: PLC0415
 
     mesh, rules = shard_lib.from_config(self.config)
-    generated = asvd.stream(self.dit, ctx, seed, config=rc, sampler_config=self.config.sampler, num_chunks=chunks, carry=carry, mesh=mesh, rules=rules, memory_check=memory.setting(self.config))
+    check = memory.setting(self.config)
+    shape = (1, int(rc.chunk_frames), *rc.latent_hw, int(self.dit.cfg.out_channels))
+    check_decoder_memory(self.decoder, shape, cache_dtype=decode_cache_dtype(self.config), setting=check)
+    generated = asvd.stream(self.dit, ctx, seed, config=rc, sampler_config=self.config.sampler, num_chunks=chunks, carry=carry, mesh=mesh, rules=rules, memory_check=check)
     if jax.process_count() > 1:  # chunks sharded across processes: each decodes the whole chunk
       from asvd import distributed  # noqa: PLC0415
 
       generated = (distributed.to_host(lat) for lat in generated)
     yield from decode_stream(self.decoder, itertools.chain(head, generated), cache_dtype=decode_cache_dtype(self.config))
+
+
+def check_decoder_memory(vae, latent_shape, *, cache_dtype=None, setting: bool | float = True) -> None:
+  """The decoder's memory pre-flight: compiles its streaming programs (the first chunk of a video
+  and every later one) for latent chunks `latent_shape` `[B, F, h, w, C]` and raises
+  `asvd.OutOfMemoryError` (one line naming the decoder) when one cannot fit in the free memory;
+  `setting` as `asvd.memory.check`. Call it before generating, so that a decoder that cannot
+  fit stops the run before the DiT's work. The compiled programs are the ones the decode then
+  runs. Decoders without a compiled streaming program (the pixel codec) are not checked."""
+  from asvd import memory  # noqa: PLC0415
+
+  lower = getattr(vae, "lower_decode_chunk", None)
+  if setting is False or lower is None:
+    return
+  b, _, h, w, _ = latent_shape
+  z = jax.ShapeDtypeStruct(tuple(latent_shape), jnp.float32)
+  cache = jax.eval_shape(lambda: vae.init_decode_cache(b, h, w, cache_dtype))
+  name = "TAEHV" if type(vae).__name__ == "TAEHV" else "Wan VAE"
+  hint = "decode with TAEHV (--decoder taehv / --vae taew2_1.pth), set pipeline.decode_cache_dtype=bfloat16, or decode later with `asvd decode` on a larger machine"
+  for which in ("first", "later"):
+    memory.check(lower(z, cache).compile(), f"decode: the {name}'s {which}-chunk program", setting=setting, hint=hint)
+    if which == "first":
+      cache = jax.eval_shape(vae.decode_chunk_fn, z, cache)[1]
 
 
 def decode_cache_dtype(config) -> Any:

@@ -14,7 +14,7 @@ import asvd
 from asvd import transition as tr
 
 _COMPILES = collections.Counter()
-_NAMES = ("rollout_segment", "transition_chunk", "transition_step", "prompt_kv")
+_NAMES = ("rollout_segment", "transition_chunk", "transition_step", "prompt_kv", "decode_chunk")
 
 
 def _listener(event, duration, fun_name=None, **kw):
@@ -75,6 +75,37 @@ def test_memory_preflight_compiles_the_program_that_runs(cfg, ctx):
       asvd.rollout(model, ctx, 0, num_chunks=2, config=rc, memory_check=1e-4)
     jax.block_until_ready(asvd.rollout(model, ctx, 0, num_chunks=2, config=rc))
   assert n == {"rollout_segment": 1}, n  # (prompt_kv for this shape: compiled above)
+
+
+@pytest.mark.parametrize("kind", ["wan", "taehv"])
+def test_decoder_preflight_compiles_the_programs_that_run(kind):
+  """`pipeline.check_decoder_memory`: below the decoder's need it is one error naming the
+  decoder's program, before anything is decoded; otherwise the first- and later-chunk programs
+  it compiles are the ones a streaming decode then runs (no second compile)."""
+  from asvd import pipeline
+
+  if kind == "wan":
+    from asvd.models import vae as vae_lib
+
+    c = 4
+    vae = vae_lib.init_vae(dict(base_dim=8, z_dim=c, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[True], latents_mean=[0.0] * c, latents_std=[1.0] * c), jax.random.key(3))
+  else:
+    from asvd.models.taehv import TAEHVConfig, init_taehv
+
+    vae = init_taehv(TAEHVConfig(decoder_channels=(16, 8, 8, 8), encoder_channels=8))
+    c = vae.latent_channels
+  shape = (1, 3, 5, 7, c)  # a latent size no other test decodes: cold programs
+  name = "Wan VAE" if kind == "wan" else "TAEHV"
+  with pytest.raises(asvd.OutOfMemoryError, match=f"decode: the {name}'s first-chunk program needs"):
+    pipeline.check_decoder_memory(vae, shape, setting=1e-6)
+  z = np.random.default_rng(0).standard_normal((3, *shape)).astype(np.float32)
+  with compiles() as n:
+    pipeline.check_decoder_memory(vae, shape)
+  assert sum(n.values()) == 1, n  # the later-chunk program (the first one compiled above)
+  with compiles() as n:
+    frames = list(pipeline.decode_stream(vae, list(z)))
+  assert n == {}, n
+  assert [f.shape[0] for f in frames] == [vae.num_pixel_frames(3), *[vae.num_pixel_frames(3, first=False)] * 2]
 
 
 def test_make_transition_compiles_once_across_calls(cfg, ctx):

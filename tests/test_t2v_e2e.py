@@ -167,6 +167,12 @@ def test_dit_only_generate_with_vae_writes_latents_and_mp4(weights, tmp_path):
   p = run("decode", str(tmp_path / "latents.npy"), "--vae", str(root), "--config", str(cfg), "--out", str(tmp_path / "dec"))
   assert p.returncode == 0, p.stderr[-3000:]
   np.testing.assert_array_equal(read_video(tmp_path / "dec" / "video.mp4"), generated)
+  # Too little memory for the decoder: one line naming it, before the DiT's work (its check
+  # would fail too, later), and nothing written.
+  p = run("generate", "--config", str(cfg), "--init", "random", "--vae", str(root / "Wan2.1_VAE.pth"), "--chunks", "2", "--out", str(tmp_path / "small"), "--config.runtime.memory_limit_gib=0.0001")
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+  assert "error: decode: the Wan VAE's first-chunk program needs" in p.stderr and "--decoder taehv" in p.stderr
+  assert not (tmp_path / "small" / "latents.npy").exists()
 
 
 @pytest.fixture(scope="module")

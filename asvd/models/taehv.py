@@ -195,6 +195,12 @@ class TAEHV(nnx.Module):
     graphdef, state = nnx.split(self)
     return _decode_chunk_jit(graphdef)(state, jnp.asarray(z_bfhwc), memory)
 
+  def lower_decode_chunk(self, z_bfhwc, memory: DecodeMemory):
+    """`decode_chunk`'s program lowered for `z_bfhwc` and `memory` (arrays or ShapeDtypeStructs);
+    compiled, it is the executable `decode_chunk` then runs (`asvd.pipeline.check_decoder_memory`)."""
+    graphdef, state = nnx.split(self)
+    return _decode_chunk_jit(graphdef).lower(state, z_bfhwc, memory)
+
   def decode_chunk_fn(self, z_bfhwc: Array, memory: DecodeMemory) -> tuple[Array, DecodeMemory]:
     """Latents `[B, f, h, w, C]` -> pixels `[B, T, H, W, 3]` in [-1, 1] and the new memory;
     `T = 4 f - 3` for the first chunk of a video, `4 f` after (the Wan VAE's counts)."""

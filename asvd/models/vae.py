@@ -762,6 +762,12 @@ class WanVAE(nnx.Module):
     graphdef, state = nnx.split(self)
     return _decode_chunk_jit(graphdef, state, jnp.asarray(z_bfhwc), cache)
 
+  def lower_decode_chunk(self, z_bfhwc, cache: DecodeCache):
+    """`decode_chunk`'s program lowered for `z_bfhwc` and `cache` (arrays or ShapeDtypeStructs);
+    compiled, it is the executable `decode_chunk` then runs (`asvd.pipeline.check_decoder_memory`)."""
+    graphdef, state = nnx.split(self)
+    return _decode_chunk_jit.lower(graphdef, state, z_bfhwc, cache)
+
 
 # The graph definition is static (hashable), the state is a pytree of arrays: one compiled
 # program per (model structure, input shapes, cache.started).
