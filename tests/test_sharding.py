@@ -206,3 +206,37 @@ def test_sharded_train_step_equals_single_device(cfg):
   shard_lib.check_sharded(got_state.params, mesh, rules)
   q = got_state.params["blocks"]["self_attn"]["q"]["kernel"][...]
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+
+
+def test_context_parallel_teacher_step(cfg):
+  """Context parallelism for training: the teacher step (bidirectional flow matching over `H`
+  frames, the long-sequence stage) on a data x context mesh splits every frame's tokens over the
+  `context` axis (queries and the residual stream sharded by the `act_tokens` rule, keys and
+  values all-gathered) and equals the single-device step. Against the same mesh with the token
+  split turned off (`act_tokens` -> None), XLA's FLOPs per device fall to 0.42 and the
+  temporaries to 0.52 here (not 0.25: the K/V projections and the replicated parameters'
+  optimizer update are not split)."""
+  from asvd.train import steps as st  # noqa: PLC0415
+  from asvd.train import trainer  # noqa: PLC0415
+
+  g, tx, state, _, batch = _train_setup(cfg)
+  step = st.teacher_step(g, tx, cfg)
+  frozen = st.Frozen()
+  host = jax.tree.map(np.asarray, state)
+  want_state, want = trainer._jit_step(step, None, None, state, frozen)(jax.tree.map(jnp.asarray, host), jax.tree.map(jnp.asarray, batch), frozen)
+  mesh = shard_lib.mesh_from_config({"data": 2, "context": 4})
+  cost = {}
+  for split, rules in (("tokens", shard_lib.DEFAULT_RULES), ("whole", {**shard_lib.DEFAULT_RULES, "act_tokens": None})):
+    s = jax.device_put(host, shard_lib.tree_shardings(state, mesh, rules))
+    jitted = trainer._jit_step(step, mesh, rules, s, frozen)
+    b = shard_lib.place_batch(batch, mesh, rules)
+    compiled = jitted.program(b).lower(s, b, frozen).compile()
+    xla = compiled.cost_analysis()
+    cost[split] = (float((xla[0] if isinstance(xla, (list, tuple)) else xla)["flops"]), compiled.memory_analysis().temp_size_in_bytes)
+    if split == "tokens":
+      assert "all-gather" in compiled.as_text()  # the keys and values of the other context shards
+      with jax.transfer_guard_device_to_device("disallow_explicit"):
+        got_state, got = jitted(s, b, frozen)
+      np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
+      chex.assert_trees_all_close(got_state, want_state, atol=2e-5, rtol=2e-4)
+  assert cost["tokens"][0] < 0.5 * cost["whole"][0] and cost["tokens"][1] < 0.65 * cost["whole"][1], cost
