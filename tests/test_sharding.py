@@ -212,10 +212,10 @@ def test_context_parallel_teacher_step(cfg):
   """Context parallelism for training: the teacher step (bidirectional flow matching over `H`
   frames, the long-sequence stage) on a data x context mesh splits every frame's tokens over the
   `context` axis (queries and the residual stream sharded by the `act_tokens` rule, keys and
-  values all-gathered) and equals the single-device step. Against the same mesh with the token
-  split turned off (`act_tokens` -> None), XLA's FLOPs per device fall to 0.42 and the
-  temporaries to 0.52 here (not 0.25: the K/V projections and the replicated parameters'
-  optimizer update are not split)."""
+  values all-gathered, nothing resharded) and equals the single-device step. Against the same
+  mesh with the token split turned off (`act_tokens` -> None), XLA's FLOPs per device fall to
+  0.34 and the temporaries to 0.39 here (0.42 and 0.52 while the queries were resharded for the
+  kernel and the K/V projections ran on all tokens)."""
   from asvd.train import steps as st  # noqa: PLC0415
   from asvd.train import trainer  # noqa: PLC0415
 
@@ -234,9 +234,63 @@ def test_context_parallel_teacher_step(cfg):
     xla = compiled.cost_analysis()
     cost[split] = (float((xla[0] if isinstance(xla, (list, tuple)) else xla)["flops"]), compiled.memory_analysis().temp_size_in_bytes)
     if split == "tokens":
-      assert "all-gather" in compiled.as_text()  # the keys and values of the other context shards
+      hlo = compiled.as_text()
+      assert "all-gather" in hlo  # the keys and values of the other context shards
+      # Queries keep the residual stream's split into the kernel and back: nothing resharded.
+      assert "all-to-all" not in hlo and "collective-permute" not in hlo
       with jax.transfer_guard_device_to_device("disallow_explicit"):
         got_state, got = jitted(s, b, frozen)
       np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
       chex.assert_trees_all_close(got_state, want_state, atol=2e-5, rtol=2e-4)
-  assert cost["tokens"][0] < 0.5 * cost["whole"][0] and cost["tokens"][1] < 0.65 * cost["whole"][1], cost
+  print("context 4 / whole: flops", cost["tokens"][0] / cost["whole"][0], "temporaries", cost["tokens"][1] / cost["whole"][1])
+  assert cost["tokens"][0] < 0.4 * cost["whole"][0] and cost["tokens"][1] < 0.47 * cost["whole"][1], cost
+
+
+# splash takes key-only masks (query-dependent ones go to flash inside it, tested as flash).
+ATTEND_CASES = [(b, m) for b in ("splash_interpret", "flash", "xla") for m in ("none", "key_only", "frames") if (b, m) != ("splash_interpret", "frames")]
+
+
+@pytest.mark.parametrize(("backend", "mask"), ATTEND_CASES)
+def test_attend_splits_queries_over_context(backend, mask):
+  """`attend` on a data 2 x context 2 x tensor 2 mesh: each shard runs the kernel (for splash:
+  the TPU kernel's own code in the Pallas interpreter) on its half of every frame's query tokens
+  and its head, against all keys; forward, gradients and the probe's share equal one device's."""
+  import functools  # noqa: PLC0415
+
+  from asvd.models import attention as attn_lib  # noqa: PLC0415
+  from asvd.models.splash_attention import splash_attention  # noqa: PLC0415
+
+  attn_lib.register_attention("splash_interpret", functools.partial(splash_attention, interpret=True))
+  mesh = shard_lib.mesh_from_config({"data": 2, "context": 2, "tensor": 2})
+  kq, kk, kv = jax.random.split(jax.random.key(5), 3)
+  q = jax.random.normal(kq, (2, 2, 32, 2, 16))  # [B, F, T, H, Dh]
+  k = jax.random.normal(kk, (2, 96, 2, 16))  # [B, Sk, H, Dh]: 3 key frames of 32 tokens
+  v = jax.random.normal(kv, (2, 96, 2, 16))
+  m = {
+    "none": None,
+    "key_only": jnp.array([[[True, False, True]], [[True, True, False]]]),  # [B, 1, Fk]
+    "frames": jnp.array([[[True, True, False], [False, True, True]]]),  # [1, F, Fk]
+  }[mask]
+
+  def run(q, k, v, sharded, probe=False):
+    with shard_lib.activation_sharding(mesh if sharded else None):
+      return attn_lib.attend(backend if sharded else "xla", q, k, v, m, probe)
+
+  out, share = jax.jit(functools.partial(run, sharded=True, probe=True))(q, k, v)
+  ref, ref_share = run(q, k, v, False, True)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6)
+  np.testing.assert_allclose(np.asarray(share), np.asarray(ref_share), atol=1e-6)
+
+  def loss(sharded):
+    return lambda q, k, v: jnp.sum(jnp.sin(run(q, k, v, sharded)[0]))
+
+  grads = jax.jit(jax.grad(loss(True), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(grads, jax.grad(loss(False), argnums=(0, 1, 2))(q, k, v), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=4e-6)
+  # The per-shard program sees [1, 2, 16, 1, 16] queries (batch over data, each frame's tokens
+  # over context, heads over tensor) and [1, 96, 1, 16] keys.
+  shapes = []
+  for eqn in jax.make_jaxpr(lambda q, k, v: run(q, k, v, True)[0])(q, k, v).eqns:
+    if eqn.primitive.name == "shard_map":
+      shapes = [tuple(x.aval.shape) for x in eqn.params["jaxpr"].invars[-4 if m is not None else -3 :]]
+  assert shapes[:3] == [(1, 2, 16, 1, 16), (1, 96, 1, 16), (1, 96, 1, 16)]

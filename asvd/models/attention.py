@@ -27,6 +27,9 @@ Backends:
 * `blocked`: exact attention one head and one query block at a time, so the f32 score tile stays
   in cache; 1.7x faster than `xla` on CPUs (benchmarks/README.md). It does not tile over keys.
 Register more with `register_attention`.
+
+The model calls them through `attend`, which keeps the queries' frame structure
+(`[B, F, T, H, Dh]`) and, under a mesh, runs the kernel per shard.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from asvd import sharding as shard_lib
 
 _NEG = -1e30
 _REGISTRY: dict[str, Callable] = {}
@@ -237,3 +242,64 @@ def _auto(q, k, v, frame_mask=None, probe=False):
 
 
 register_attention("auto", _auto)
+
+
+def attend(name: str, q, k, v, frame_mask=None, probe=False):
+  """Backend `name` on frame-structured queries; under a mesh, one call per shard.
+
+  Args:
+    name: a registered backend.
+    q: queries `[B, F, T, H, Dh]` (F frames of T tokens).
+    k: keys `[B, Sk, H, Dh]`.
+    v: values `[B, Sk, H, Dh]`.
+    frame_mask: bool `[B|1, F, Fk]` or `[B|1, 1, Fk]`, or None (see the module docstring).
+    probe: also return the attention share per key frame `[B, Fk]` (from `xla` when the
+      backend gives none).
+
+  Returns:
+    `(out [B, F, T, H, Dh], share [B, Fk] or None)`.
+
+  Under `sharding.activation_sharding` the kernel runs under `jax.shard_map` on each device's
+  block: batch over data/fsdp, heads over tensor, and each frame's tokens over context, as the
+  residual stream is split (`act_tokens`), so the queries are never resharded; keys and values
+  are whole on every shard (the caller gathered them). Every query row is independent, so a
+  shard attends its queries to all keys with the frame mask unchanged (its frames keep their
+  index, with T / context tokens each); the probe's share, a mean over queries and heads, is
+  averaged over the shards. This is also what lets kernels GSPMD cannot partition (Pallas
+  splash, cuDNN) run on a mesh.
+  """
+  fn = get_attention(name)
+
+  def local(q, k, v, mask):
+    lead = q.shape[:3]
+    q4 = q.reshape(lead[0], lead[1] * lead[2], *q.shape[3:])
+    out, share = fn(q4, k, v, mask, probe)
+    if probe and share is None:  # kernels without probabilities: probe with the reference
+      _, share = _REGISTRY["xla"](q4, k, v, mask, True)
+    return out.reshape(q.shape), share
+
+  active = shard_lib.active()
+  if active is None:
+    return local(q, k, v, frame_mask)
+  mesh, rules = active
+  P = jax.sharding.PartitionSpec
+  qs = shard_lib.spec_for(("batch", "frames", "act_tokens", "heads", "head_dim"), mesh, rules, q.shape)
+  kvs = P(qs[0], None, qs[3], None)
+  mask_b = None if frame_mask is None or frame_mask.shape[0] == 1 else qs[0]
+  split = [a for e in (qs[2], qs[3]) if e is not None for a in ((e,) if isinstance(e, str) else e)]
+
+  def per_shard(q, k, v, *mask):
+    with shard_lib.activation_sharding(None):  # the kernel sees plain local arrays
+      out, share = local(q, k, v, mask[0] if mask else None)
+    if not probe:
+      return out
+    if split:
+      share = jax.lax.pmean(share, tuple(split))  # equal query and head counts per shard
+    return out, share
+
+  args, specs = (q, k, v), (qs, kvs, kvs)
+  if frame_mask is not None:
+    args, specs = (*args, frame_mask), (*specs, P(mask_b, None, None))
+  out_specs = (qs, P(qs[0], None)) if probe else qs
+  res = jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
+  return res if probe else (res, None)

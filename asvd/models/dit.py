@@ -212,8 +212,9 @@ class Dense(nnx.Module):
 
 # Logical names of activations (asvd.sharding.DEFAULT_RULES maps them to mesh axes).
 _RESIDUAL = ("batch", "frames", "act_tokens", "act_embed")  # [B, F, T, D]
-_HEADS = ("batch", "act_tokens", "heads", "head_dim")  # queries / attention output [B, S, H, Dh]
+_HEADS = ("batch", "frames", "act_tokens", "heads", "head_dim")  # queries / attention output [B, F, T, H, Dh]
 _KV_HEADS = ("batch", "tokens", "heads", "head_dim")  # keys / values [B, N*T + S, H, Dh]
+_KV_FRAMES = ("batch", "frames", "tokens", "heads", "head_dim")  # own keys / values [B, F, T, H, Dh]: whole
 _SMALL = ("batch", None, "act_embed")  # time / text embeddings [B, F or L, D]: width whole
 
 
@@ -309,19 +310,22 @@ class Block(nnx.Module):
     """
     cfg = self.cfg
     b, f, t, d = x_bftd.shape
-    attn = attn_lib.get_attention(cfg.attention)
     # Under a mesh (asvd.sharding.activation_sharding) the residual stream is pinned at block
     # boundaries: batch over data/fsdp, tokens over context, width whole.
     x_bftd = shard_lib.constrain(x_bftd, _RESIDUAL)
     mod = self.modulation[...].astype(jnp.float32)[None, None] + e_bf6d  # [B, F, 6, D]
     shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, i, None, :] for i in range(6))
 
-    # 1. Self-attention over [cached slots; own tokens].
-    h = (_layer_norm(x_bftd, cfg.eps) * (1 + scale) + shift).astype(cfg.dtype).reshape(b, f * t, d)
-    q = self.self_attn.project_q(h)
-    k_own, v_own = self.self_attn.project_kv(h)  # un-rotated: this is what a cache stores
+    # 1. Self-attention over [cached slots; own tokens]. Queries keep the residual stream's
+    # [B, F, T] layout (split the same way under a mesh); keys and values are flattened.
+    h = (_layer_norm(x_bftd, cfg.eps) * (1 + scale) + shift).astype(cfg.dtype)
+    q = self.self_attn.project_q(h)  # [B, F, T, H, Dh]
+    # Projected where the tokens are (split over context under a mesh), then gathered whole:
+    # un-rotated, this is what a cache stores.
+    k_own, v_own = (shard_lib.constrain(a, _KV_FRAMES).reshape(b, f * t, *a.shape[3:]) for a in self.self_attn.project_kv(h))
     cos_q, sin_q, cos_c, sin_c = rope
-    q = shard_lib.constrain(rope_lib.apply_rope(q, cos_q, sin_q), _HEADS)
+    q = rope_lib.apply_rope(q, cos_q.reshape(cos_q.shape[0], f, t, -1), sin_q.reshape(sin_q.shape[0], f, t, -1))
+    q = shard_lib.constrain(q, _HEADS)
     k = rope_lib.apply_rope(k_own, cos_q, sin_q)
     v = v_own
     if slots is not None:
@@ -330,20 +334,17 @@ class Block(nnx.Module):
       v = jnp.concatenate([v_c.astype(cfg.dtype), v], axis=1)
     # Keys and values whole on every context shard (tokens -> all-gathered), heads over tensor.
     k, v = shard_lib.constrain(k, _KV_HEADS), shard_lib.constrain(v, _KV_HEADS)
-    o, share = attn(q, k, v, frame_mask, probe)
-    o = shard_lib.constrain(o, _HEADS)
-    if probe and share is None:  # kernels without probabilities: probe with the reference
-      _, share = attn_lib.get_attention("xla")(q, k, v, frame_mask, True)
-    o = checkpoint_name(o, "attn_out")
+    o, share = attn_lib.attend(cfg.attention, q, k, v, frame_mask, probe)
+    o = checkpoint_name(shard_lib.constrain(o, _HEADS), "attn_out")
     o = self.self_attn.o(o.reshape(b, f, t, d), jnp.float32)
     x_bftd = (x_bftd.astype(jnp.float32) + o * gate).astype(cfg.dtype)
 
     # 2. Text cross-attention (affine pre-norm, no gate, padding tokens attended).
-    h = x_bftd.reshape(b, f * t, d)
+    h = x_bftd
     if cfg.cross_attn_norm:
       h = _layer_norm(h, cfg.eps, self.norm_cross_scale[...], self.norm_cross_bias[...])
-    q = self.cross_attn.project_q(h.astype(cfg.dtype))
-    o, _ = attn(q, text_kv[0].astype(cfg.dtype), text_kv[1].astype(cfg.dtype), None, False)
+    q = shard_lib.constrain(self.cross_attn.project_q(h.astype(cfg.dtype)), _HEADS)
+    o, _ = attn_lib.attend(cfg.attention, q, text_kv[0].astype(cfg.dtype), text_kv[1].astype(cfg.dtype))
     o = self.cross_attn.o(o.reshape(b, f, t, d))
     x_bftd = x_bftd + o
 

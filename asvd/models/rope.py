@@ -68,10 +68,11 @@ def rope_cos_sin(ids: jax.Array, head_dim: int, *, max_pos: int = 1024, theta: f
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates adjacent channel pairs of `x` `[B, S, H, Dh]` by angles given as `[B|1, S, Dh/2]`."""
+  """Rotates adjacent channel pairs of `x` `[B, S, H, Dh]` by angles given as `[B|1, S, Dh/2]`
+  (or `x` `[B, F, T, H, Dh]` by `[B|1, F, T, Dh/2]`)."""
   xf = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-  x1, x2 = xf[..., 0], xf[..., 1]  # [B, S, H, Dh/2]
-  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  x1, x2 = xf[..., 0], xf[..., 1]  # [..., H, Dh/2]
+  c, s = cos[..., None, :], sin[..., None, :]
   out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
   return out.reshape(x.shape).astype(x.dtype)
 

@@ -29,7 +29,11 @@ def _kernel(heads: int, sq: int, sk: int, block_q: int, block_k: int, interpret:
     block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
     block_q_dkv=block_q, block_kv_dkv=block_k, block_kv_dkv_compute=block_k, block_q_dq=block_q, block_kv_dq=block_k,
   )  # fmt: skip
-  return sk_lib.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret), sk_lib.SegmentIds
+  # Concrete mask tables even when first built while tracing (under `shard_map` they would
+  # otherwise be tracers of that trace, kept by the cache and leaked into the next).
+  with jax.ensure_compile_time_eval():
+    kernel = sk_lib.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+  return kernel, sk_lib.SegmentIds
 
 
 def _pad_to(x, n, axis):
@@ -51,21 +55,9 @@ def splash_attention(q, k, v, frame_mask=None, probe=False, *, block: int = BLOC
   else:
     fk = frame_mask.shape[-1]
     kv_valid = jnp.repeat(jnp.broadcast_to(jnp.asarray(frame_mask, bool)[:, 0], (b, fk)), sk // fk, axis=1)
-  local = functools.partial(_splash_local, block=block, interpret=interpret)
-  from asvd import sharding as shard_lib  # noqa: PLC0415
-
-  active = shard_lib.active()
-  if active is None:
-    return local(q, k, v, kv_valid), None
-  # A Mosaic kernel is not partitioned by GSPMD: run it per shard (batch over data/fsdp, heads
-  # over tensor; tokens whole, so a context axis gathers them first).
-  mesh, rules = active
-  P = jax.sharding.PartitionSpec
-  bs = shard_lib.spec_for(("batch",), mesh, rules, (b,))[0]
-  hs = shard_lib.spec_for(("heads",), mesh, rules, (h,))[0]
-  qkv = P(bs, None, hs, None)
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(bs, None)), out_specs=qkv, check_vma=False)
-  return fn(q, k, v, kv_valid), None
+  # Under a mesh, `attention.attend` calls this once per shard (a Mosaic kernel is not
+  # partitioned by GSPMD).
+  return _splash_local(q, k, v, kv_valid, block=block, interpret=interpret), None
 
 
 def _splash_local(q, k, v, kv_valid, *, block: int, interpret: bool):
