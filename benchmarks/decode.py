@@ -79,6 +79,7 @@ def main(argv=None):
 
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default=os.path.join(_REPO, "benchmarks", "results", "decode_cpu.json"))
+  p.add_argument("--untimed", action="store_true", help="compile only (no CPU time at the small size)")
   a = p.parse_args(argv)
   from asvd import transition as tr  # noqa: PLC0415
   from asvd.models.dit import DiTConfig  # noqa: PLC0415
@@ -90,7 +91,7 @@ def main(argv=None):
     dit = (len(lay.timesteps) + 1) * analytic_forward(cfg, lay) / 1e9
     vae = init_vae(None, 0)
     for name, dec, cdt in (("wan_vae", vae, None), ("wan_vae", vae, "bfloat16"), ("taehv", init_taehv(None, 0), None)):
-      r = measure(dec, name, h, w, 3, timed, cdt)
+      r = measure(dec, name, h, w, 3, timed and not a.untimed, cdt)
       r["dit_gflop_per_chunk"] = dit
       r["decode_over_dit"] = r["gflop_per_chunk"] / dit
       rows.append(r)

@@ -367,3 +367,22 @@ def test_original_key_table_agrees_with_diffusers_converter():
     assert torch.equal(back[k], v), k
   for k in sd:  # and the inverse table used when reading Wan2.1_VAE.pth
     assert vae_port.original_to_diffusers_key(vae_port.diffusers_to_original_key(k, cfg), cfg) == k
+
+
+def test_streaming_decode_copies_no_cache_entry():
+  """The later-chunk decode (a scan over latent frames carrying the cache) updates every
+  full-resolution cache entry in place: no copy of one appears in the compiled program (XLA
+  made two per entry per step while a new history could be computed before the old one's last
+  read). (A bf16 cache under an f32 decode keeps the copies, at half size: see CausalConv3d.)"""
+  import re  # noqa: PLC0415
+
+  vae = vae_lib.init_vae(CONFIGS["one_stage"], jax.random.key(3))
+  cache = vae.init_decode_cache(1, 4, 6)
+  _, cache = jax.eval_shape(vae.decode_chunk_fn, jnp.zeros((1, 1, 4, 6, 4)), cache)  # a later chunk
+  text = vae.lower_decode_chunk(jax.ShapeDtypeStruct((1, 3, 4, 6, 4), jnp.float32), cache).compile().as_text()
+  hw = (4 * vae.config.spatial_factor, 6 * vae.config.spatial_factor)
+  full = {x.shape for x in jax.tree.leaves(cache) if x.shape[2:4] == hw}
+  assert full, "no full-resolution cache entry found"
+  copied = re.findall(r"= \w+\[([\d,]+)\]\{[^}]*\} copy\(", text)
+  shapes = {tuple(int(d) for d in c.split(",")) for c in copied}
+  assert not shapes & full, sorted(shapes & full)
