@@ -251,7 +251,7 @@ ATTEND_CASES = [(b, m) for b in ("splash_interpret", "flash", "xla") for m in ("
 
 
 @pytest.mark.parametrize(("backend", "mask"), ATTEND_CASES)
-def test_attend_splits_queries_over_context(backend, mask):
+def test_attend_splits_queries_over_context(backend, mask, monkeypatch):
   """`attend` on a data 2 x context 2 x tensor 2 mesh: each shard runs the kernel (for splash:
   the TPU kernel's own code in the Pallas interpreter) on its half of every frame's query tokens
   and its head, against all keys; forward, gradients and the probe's share equal one device's."""
@@ -260,7 +260,7 @@ def test_attend_splits_queries_over_context(backend, mask):
   from asvd.models import attention as attn_lib  # noqa: PLC0415
   from asvd.models.splash_attention import splash_attention  # noqa: PLC0415
 
-  attn_lib.register_attention("splash_interpret", functools.partial(splash_attention, interpret=True))
+  monkeypatch.setitem(attn_lib._REGISTRY, "splash_interpret", functools.partial(splash_attention, interpret=True))
   mesh = shard_lib.mesh_from_config({"data": 2, "context": 2, "tensor": 2})
   kq, kk, kv = jax.random.split(jax.random.key(5), 3)
   q = jax.random.normal(kq, (2, 2, 32, 2, 16))  # [B, F, T, H, Dh]

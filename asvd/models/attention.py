@@ -44,6 +44,9 @@ import jax.numpy as jnp
 from asvd import sharding as shard_lib
 
 _NEG = -1e30
+# Logical axes of the queries `attend` takes (and of its output) `[B, F, T, H, Dh]`: the same
+# batch and token split as the residual stream (`asvd.sharding.DEFAULT_RULES`).
+Q_NAMES = ("batch", "frames", "act_tokens", "heads", "head_dim")
 _REGISTRY: dict[str, Callable] = {}
 
 
@@ -283,7 +286,7 @@ def attend(name: str, q, k, v, frame_mask=None, probe=False):
     return local(q, k, v, frame_mask)
   mesh, rules = active
   P = jax.sharding.PartitionSpec
-  qs = shard_lib.spec_for(("batch", "frames", "act_tokens", "heads", "head_dim"), mesh, rules, q.shape)
+  qs = shard_lib.spec_for(Q_NAMES, mesh, rules, q.shape)
   kvs = P(qs[0], None, qs[3], None)
   mask_b = None if frame_mask is None or frame_mask.shape[0] == 1 else qs[0]
   split = [a for e in (qs[2], qs[3]) if e is not None for a in ((e,) if isinstance(e, str) else e)]

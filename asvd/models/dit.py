@@ -212,7 +212,7 @@ class Dense(nnx.Module):
 
 # Logical names of activations (asvd.sharding.DEFAULT_RULES maps them to mesh axes).
 _RESIDUAL = ("batch", "frames", "act_tokens", "act_embed")  # [B, F, T, D]
-_HEADS = ("batch", "frames", "act_tokens", "heads", "head_dim")  # queries / attention output [B, F, T, H, Dh]
+_HEADS = attn_lib.Q_NAMES  # queries / attention output [B, F, T, H, Dh]
 _KV_HEADS = ("batch", "tokens", "heads", "head_dim")  # keys / values [B, N*T + S, H, Dh]
 _KV_FRAMES = ("batch", "frames", "tokens", "heads", "head_dim")  # own keys / values [B, F, T, H, Dh]: whole
 _SMALL = ("batch", None, "act_embed")  # time / text embeddings [B, F or L, D]: width whole

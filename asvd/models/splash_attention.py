@@ -44,8 +44,7 @@ def _pad_to(x, n, axis):
 
 def splash_attention(q, k, v, frame_mask=None, probe=False, *, block: int = BLOCK, interpret: bool = False):
   """Signature of `asvd.models.attention`; f32 softmax statistics inside the kernel."""
-  b, sq, h, dh = q.shape
-  sk = k.shape[1]
+  b, sk = q.shape[0], k.shape[1]
   if frame_mask is not None and frame_mask.shape[-2] != 1:
     from asvd.models.flash_attention import flash_attention  # noqa: PLC0415
 
