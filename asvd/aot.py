@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import sys
 from typing import Any
@@ -71,12 +72,39 @@ class Plan:
 HEADER = "| program | arguments GiB | temporaries GiB | outputs GiB | donated GiB | total GiB | HBM GiB | fits | TFLOP/step/device |\n|" + " --- |" * 9
 
 
+def _without_cpu_flags(fn):
+  """Runs `fn()` (which loads libtpu) with XLA:CPU's own flags (`--xla_cpu_*`) hidden.
+
+  libtpu parses `XLA_FLAGS` once, at its first compile, and aborts the process on a flag it does
+  not know; it knows none of the CPU backend's. So the CPU backend reads them first (one CPU
+  program is compiled before: they still apply to every CPU program of this process) and `fn`
+  compiles a first TPU program while they are hidden.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  kept = " ".join(f for f in flags.split() if not f.startswith("--xla_cpu_"))
+  if kept == flags.strip():
+    return fn()
+  jax.jit(lambda: jnp.zeros((), jnp.float32))().block_until_ready()
+  os.environ["XLA_FLAGS"] = kept
+  try:
+    return fn()
+  finally:
+    os.environ["XLA_FLAGS"] = flags
+
+
 def topology_devices(topology: str):
   """The devices of a TPU slice described by name (`v5p:2x2x2`, `v5e:4x4`), via libtpu."""
-  try:
+
+  def describe():
     from jax.experimental import topologies  # noqa: PLC0415
 
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    one = jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(devices[0]))
+    jax.jit(lambda x: x + 1).lower(one).compile()  # libtpu reads its flags here
+    return devices
+
+  try:
+    return _without_cpu_flags(describe)
   except Exception as e:  # noqa: BLE001  (libtpu raises several types for bad names / no libtpu)
     why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     raise UsageError(f"--topology {topology!r}: cannot describe this TPU slice ({why}); install the tpu extra (libtpu) and use names like v5p:2x2x2, v5e:2x2, v4:2x2x1") from e

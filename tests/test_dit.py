@@ -301,15 +301,14 @@ def test_splash_attention_matches_xla_in_interpret_mode(mask):
 def test_auto_attention_compiles_splash_ahead_of_time_for_a_tpu():
   """`auto` picks splash for a TPU; the cached transition compiles for a v5e chip on this CPU
   (libtpu's topology description), with the Pallas kernel in the program."""
-  from jax.experimental import topologies  # noqa: PLC0415
-
+  from asvd import aot  # noqa: PLC0415
   from asvd import transition as tr  # noqa: PLC0415
 
   cfg = asvd.load_config("configs/tiny.py:bf16", ["model.dim=256"])  # Mosaic wants 128-wide heads, as Wan's
   assert cfg.model.attention == "auto"
   model = dit_lib.abstract_dit(cfg.model)
   step, args = tr.abstract_transition(model, tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler))
-  dev = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1").devices[0]
+  dev = aot.topology_devices("v5e:1x1")[0]  # (libtpu sees no --xla_cpu_* flag: tests/conftest.py sets one)
   args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(dev)), args)
   assert attn_lib.auto_choice(jnp.bfloat16, "tpu") == "splash"
   with attn_lib.auto_platform("tpu"):
