@@ -11,10 +11,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _xla = os.environ.get("XLA_FLAGS", "")
 if "xla_backend_optimization_level" not in _xla:
   _xla += " --xla_backend_optimization_level=0"
-# XLA:CPU's older elemental emitters compile the tests' programs ~1.4x faster than its MLIR
-# fusion emitters (a training test: 28 -> 19.5 s on an AVX2 EPYC); the suite is compile-bound.
-if "xla_cpu_use_fusion_emitters" not in _xla:
-  _xla += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (_xla + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # One XLA compilation cache for this test session, shared by the many `asvd` subprocesses the
@@ -31,8 +27,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # the tiny programs compile in less at -O0, yet the subprocesses rebuild dozens of them.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Full f32 matmuls for parity, here and in the subprocesses (whose programs are then the same as
-# this process's: in-process tests reuse what the `asvd train` runs compiled, through the cache).
+# Full f32 matmuls for parity, here and in the subprocesses.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # libtpu (only describing TPU slices to compile for them, tests/test_aot.py, test_dit.py) takes a
 # machine-wide lock by default; the test workers and their subprocesses load it concurrently.

@@ -3,10 +3,10 @@ CPU (libtpu's topology description), with the mesh's shardings, splash attention
 per-device memory, and exit status 1 when a program does not fit."""
 
 import json
-import os
 import subprocess
 import sys
 
+import cli_env
 import pytest
 
 import asvd
@@ -16,7 +16,7 @@ from asvd.models import dit
 
 # (Without the suite's process-wide "highest" matmul precision: the splash kernel's backward
 # cannot compile for a TPU under it, a known limitation.)
-ENV = {**{k: v for k, v in os.environ.items() if k != "JAX_DEFAULT_MATMUL_PRECISION"}, "JAX_PLATFORMS": "cpu"}
+ENV = {k: v for k, v in cli_env.ENV.items() if k != "JAX_DEFAULT_MATMUL_PRECISION"}
 BASE = [sys.executable, "-m", "asvd.main", "aot", "--config", "configs/tiny.py:bf16", "--config.model.dim=256", "--topology", "v5e:2x2"]
 
 

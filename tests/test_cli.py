@@ -1,15 +1,13 @@
 """The `asvd` command line: generate, eval attention, clear errors before compiling."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
+from cli_env import ENV
 
 from asvd.video import latent_preview
-
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def asvd_cli(*args):

@@ -1,13 +1,12 @@
 """Bad input gets one line naming the flag, key, file or value at fault (exit 2), before any
 model is built or compiled; `--debug` shows the traceback."""
 
-import os
 import subprocess
 import sys
 
 import pytest
+from cli_env import ENV
 
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 TINY = ["--config", "configs/tiny.py", "--init", "random", "--chunks", "1"]
 
 

@@ -10,10 +10,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from cli_env import ENV
 
 import asvd
 
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 SMALL = ["--config.model.dim=32", "--config.model.ffn_dim=64", "--config.model.num_layers=1", "--config.model.freq_dim=32"]
 
 

@@ -9,13 +9,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from cli_env import ENV
 
 import asvd
 from asvd.ckpt import dit_port
 from asvd.errors import OutputError
 from asvd.outputs import OutputDir
-
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def cli(*args):

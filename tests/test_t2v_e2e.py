@@ -19,11 +19,11 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
+from cli_env import ENV  # noqa: E402
 from torch_refs import dit_to_wan_names, t5_to_wan_names  # noqa: E402
 
 from asvd.ckpt import vae_port  # noqa: E402
 
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 VAE_CFG = dict(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True, True])
 TAEHV_CFG = dict(decoder_channels=(16, 8, 8, 8), encoder_channels=8)
 T5_CFG = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128)

@@ -1,17 +1,16 @@
 """Helpers of the training tests (test_train.py, test_train_steps.py, test_train_anchors.py)."""
 
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
+from cli_env import ENV  # noqa: F401  (the training tests import it from here)
 from flax import nnx
 
 import asvd
 from asvd.train import steps as st
 from asvd.train import trainer
 
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 TRAIN = [sys.executable, "-m", "asvd.main", "train", "--config", "configs/tiny.py", "--no-progress"]
 
 
