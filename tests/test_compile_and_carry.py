@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax import monitoring
 from rollout_helpers import rcfg
+from tolerances import DIT, rel_err
 
 import asvd
 from asvd import transition as tr
@@ -152,7 +153,10 @@ def test_two_continuations_from_one_carry(cfg, model, ctx):
   chex_equal = jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), carry_a, carry_b)
   assert all(jax.tree.leaves(chex_equal))
   s = list(asvd.stream(model, ctx, 3, num_chunks=2, config=rc, carry=carry))
-  np.testing.assert_array_equal(np.concatenate([np.asarray(x) for x in s], axis=1), np.asarray(a))
+  # The same frames (bit for bit under XLA's default CPU emitters; the tests' elemental ones,
+  # tests/conftest.py, round this stream an ulp apart: 3e-7): `rollout == stream` bit for bit
+  # is tested in test_transition.py.
+  assert rel_err(np.concatenate([np.asarray(x) for x in s], axis=1), a) <= DIT
   assert not any(x.is_deleted() for x in jax.tree.leaves(carry))  # still the caller's
   # A rollout's own returned carry can be continued twice as well.
   c1, _ = asvd.rollout(model, ctx, 4, num_chunks=1, config=rc, carry=carry_a)

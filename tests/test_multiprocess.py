@@ -26,7 +26,7 @@ ARGS = [
 
 def _env(devices: int) -> dict:
   env = {k: v for k, v in cli_env.ENV.items() if not k.startswith("ASVD_")}
-  flags = [f for f in env["XLA_FLAGS"].split() if "device_count" not in f]  # the others stay
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]  # conftest's others stay
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
   env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # this venv's asvd
   return env
