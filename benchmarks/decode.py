@@ -3,9 +3,10 @@
 Per streaming chunk of 3 latent frames (12 pixel frames; a later chunk, caches warm), at
 480x832 (compile-only) and at a small size (also timed on this CPU):
 
-* XLA's FLOPs of the compiled chunk decode. The Wan VAE scans over latent frames, and XLA counts
-  a loop body once, so its count is multiplied by the scan's trip count (the chunk's frames);
-  TAEHV has no loop;
+* the analytic FLOPs of the chunk decode (its convs and dots, counted from their shapes in the
+  traced program, loop bodies times their trip counts), and XLA's FLOPs of the compiled one
+  (the Wan VAE scans over latent frames, and XLA counts a loop body once, so its count is
+  multiplied by the scan's trip count, the chunk's frames; TAEHV has no loop);
 * the bytes of the streaming cache each carries between chunks (the Wan VAE also with a bf16
   cache under its f32 decode, `config.pipeline.decode_cache_dtype`), the temporaries, and the
   peak (arguments + temporaries + outputs - donated: the cache is donated, so the new cache
@@ -36,6 +37,35 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", 0.0))
 
 
+def _prod(xs) -> int:
+  n = 1
+  for x in xs:
+    n *= int(x)
+  return n
+
+
+def jaxpr_flops(closed) -> float:
+  """Analytic FLOPs of a traced program: 2 x the multiply-adds of its convs and dots, from their
+  shapes (not XLA's cost model); a scan's body counts its trip count times, a `cond` its
+  costliest branch."""
+  total = 0.0
+  for eqn in closed.jaxpr.eqns:
+    name = eqn.primitive.name
+    out = eqn.outvars[0].aval
+    if name == "conv_general_dilated":
+      rhs, spec = eqn.invars[1].aval, eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+      total += 2.0 * _prod(out.shape) * rhs.shape[spec[1]] * _prod(rhs.shape[d] for d in spec[2:])
+    elif name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      total += 2.0 * _prod(out.shape) * _prod(eqn.invars[0].aval.shape[d] for d in contract)
+    subs = [v for v in eqn.params.values() if hasattr(v, "jaxpr") and hasattr(v, "consts")]
+    if name == "cond":
+      total += max(jaxpr_flops(b) for b in eqn.params["branches"])
+    elif subs:
+      total += sum(jaxpr_flops(j) for j in subs) * (eqn.params["length"] if name == "scan" else 1)
+  return total
+
+
 def measure(decoder, name: str, h: int, w: int, frames: int, timed: bool, cache_dtype=None) -> dict:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -48,6 +78,7 @@ def measure(decoder, name: str, h: int, w: int, frames: int, timed: bool, cache_
   _, cache = jax.eval_shape(lambda s, z, c: nnx.merge(graphdef, s).decode_chunk_fn(z, c), state, z[:, :1], cache)
   cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), cache)
   fn = jax.jit(lambda s, z, c: nnx.merge(graphdef, s).decode_chunk_fn(z, c), donate_argnums=2)  # as decode_chunk
+  analytic = jaxpr_flops(jax.make_jaxpr(fn)(state, z, cache))
   compiled = fn.lower(state, z, cache).compile()
   mem = compiled.memory_analysis()
   loops = frames if name == "wan_vae" else 1  # the VAE's per-latent-frame scan body is counted once
@@ -55,6 +86,7 @@ def measure(decoder, name: str, h: int, w: int, frames: int, timed: bool, cache_
     "decoder": name if cache_dtype is None else f"{name} ({jnp.dtype(cache_dtype).name} cache)",
     "latent_hw": [h, w],
     "gflop_per_chunk": _flops(compiled) * loops / 1e9,
+    "analytic_gflop_per_chunk": analytic / 1e9,
     "cache_mb": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 1e6,
     "temporaries_mb": mem.temp_size_in_bytes / 1e6,
     "peak_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 1e6,
@@ -96,10 +128,10 @@ def main(argv=None):
       r["decode_over_dit"] = r["gflop_per_chunk"] / dit
       rows.append(r)
       print(json.dumps(r))
-  lines = ["| decoder | latent h x w | GFLOP/chunk | decode / DiT | cache MB | temporaries MB | peak MB | params M | CPU s/chunk |", "|" + " --- |" * 9]
+  lines = ["| decoder | latent h x w | GFLOP/chunk (XLA) | analytic GFLOP/chunk | decode / DiT | cache MB | temporaries MB | peak MB | params M | CPU s/chunk |", "|" + " --- |" * 10]
   for r in rows:
     cpu = f"{r['cpu_s_per_chunk']:.2f}" if "cpu_s_per_chunk" in r else "—"
-    lines.append(f"| {r['decoder']} | {r['latent_hw'][0]} x {r['latent_hw'][1]} | {r['gflop_per_chunk']:.0f} | {100 * r['decode_over_dit']:.1f}% | {r['cache_mb']:.0f} | {r['temporaries_mb']:.0f} | {r['peak_mb']:.0f} | {r['params_m']:.1f} | {cpu} |")
+    lines.append(f"| {r['decoder']} | {r['latent_hw'][0]} x {r['latent_hw'][1]} | {r['gflop_per_chunk']:.0f} | {r['analytic_gflop_per_chunk']:.0f} | {100 * r['decode_over_dit']:.1f}% | {r['cache_mb']:.0f} | {r['temporaries_mb']:.0f} | {r['peak_mb']:.0f} | {r['params_m']:.1f} | {cpu} |")
   print("\n".join(lines))
   os.makedirs(os.path.dirname(a.out), exist_ok=True)
   with open(a.out, "w") as f:
