@@ -14,7 +14,8 @@ if "xla_backend_optimization_level" not in _xla:
 # and with XLA:CPU's older elemental emitters: ~1.4x faster compiles than its MLIR fusion
 # emitters (a training test: 28 -> 19.5 s on an AVX2 EPYC). They round a few programs apart by
 # an ulp where the default emitters agree bit for bit (a stream from a prefilled carry vs the
-# rollout: tests/test_compile_and_carry.py); `rollout == stream` bit for bit is still tested.
+# rollout): that test runs in a child process with the default emitters
+# (tests/test_compile_and_carry.py; a flag set here wins, as above).
 # (libtpu rejects --xla_cpu_* flags; `asvd aot` hides them from it: tests/test_aot.py.)
 if "xla_cpu_use_fusion_emitters" not in _xla:
   _xla += " --xla_cpu_use_fusion_emitters=false"
