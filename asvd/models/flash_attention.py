@@ -148,6 +148,9 @@ def _backward(q, k, v, mask, out, lse, dout, tq, tk, per_q, per_k):
 def _single_tile(q, k, v, mask, tq, per_q, per_k):
   """The forward when one key tile holds every key: a plain softmax per query tile (which
   XLA:CPU fuses into the score dot, about 10% faster than the online form's separate passes).
+  The probabilities stay unnormalised; the `[tq, Dh]` output is divided by their sum instead
+  of the `[tq, Sk]` probabilities (one pass over the tile fewer: 12-19% faster in f32, 5% in
+  bf16 on an AVX2 EPYC, and more accurate in bf16, whose rounding then sees values up to 1).
   Used when no gradient is asked for; the VJP's forward keeps the log-sum-exp form."""
   h, b, sq, dh = q.shape
   nq, scale = sq // tq, dh**-0.5
@@ -156,8 +159,10 @@ def _single_tile(q, k, v, mask, tq, per_q, per_k):
   def step(i):
     hi, qi = i // nq, i % nq
     bits = None if mask is None else _tile_mask(mask, qi, 0, tq, k.shape[2], per_q, per_k)
-    p = jax.nn.softmax(_scores(qt[i], k[hi], bits) * scale, axis=-1)
-    return jnp.einsum("bqk,bkd->bqd", p.astype(v.dtype), v[hi], preferred_element_type=jnp.float32)
+    s = _scores(qt[i], k[hi], bits)  # [B, tq, Sk] f32
+    p = jnp.exp(scale * (s - s.max(-1, keepdims=True))).astype(v.dtype)
+    o = jnp.einsum("bqk,bkd->bqd", p, v[hi], preferred_element_type=jnp.float32)
+    return o / p.astype(jnp.float32).sum(-1)[..., None]  # the sum is >= 1: the max's exp is 1
 
   o = jax.lax.map(step, jnp.arange(h * nq))  # [H nq, B, tq, Dh]
   return jnp.moveaxis(o.reshape(h, nq, b, tq, dh), 1, 2).reshape(h, b, sq, dh)
