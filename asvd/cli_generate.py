@@ -202,6 +202,7 @@ def _context(args, cfg, text_dim, text_len):
 
 def _setup(args, overrides, outputs):
   """Validates everything cheap before any compile; returns (config, output dir, model, context)."""
+  from asvd import sharding as shard_lib  # noqa: PLC0415
   from asvd import transition as tr  # noqa: PLC0415
   from asvd.models.dit import DiTConfig  # noqa: PLC0415
 
@@ -218,6 +219,7 @@ def _setup(args, overrides, outputs):
   _check_inputs(args)
   _check_model_config(cfg, overrides, args.checkpoint)
   tr.make_layout(cfg.rollout, DiTConfig.from_config(cfg.model), None, cfg.sampler)  # config errors now
+  shard_lib.rules_from_config(cfg.get("mesh", None))  # mesh.rules too (the mesh needs the devices)
   out = _connect_and_open(args, outputs(cfg) if callable(outputs) else outputs)
   model = _load_dit(cfg, args.checkpoint, args.seed)
   tr.make_layout(cfg.rollout, model.cfg, None, cfg.sampler)  # the checkpoint's patch size / RoPE

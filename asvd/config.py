@@ -174,7 +174,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.pipeline = ml_collections.ConfigDict(dict(vae=None, text_encoder=None, taehv=None, fps=16, decode_cache_dtype=None, pixel_patch=0, pixel_scale=1.0, text_encoder_seed=0))
   # Device mesh for rollouts (asvd.sharding): sizes of the (data, fsdp, context, tensor) axes; one
   # may be -1 (all remaining devices). All 1 = a single device. `rules` maps logical axis names
-  # to mesh axes on top of asvd.sharding.DEFAULT_RULES (set it in a config file).
+  # to mesh axes on top of asvd.sharding.DEFAULT_RULES (in a config file, or on the command line:
+  # --config.mesh.rules.tokens=context splits the cached K/V over the context axis).
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, context=1, tensor=1, rules={}))
   # Runtime: a persistent XLA compilation cache folder ("" = off) so that a second `asvd`
   # process reuses compiled programs instead of compiling again. memory_check: each program is
@@ -273,10 +274,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections
       if p not in node:
         raise UsageError(f"--config.{key}: no section {p!r} (have {sorted(node.keys())})")
       node = node[p]
-    if leaf not in node:
+    # `mesh.rules` starts empty and takes any logical axis name (checked by name and mesh axis in
+    # `asvd.sharding.rules_from_config`, before anything is built), e.g. mesh.rules.tokens=context.
+    if leaf not in node and parents != ["mesh", "rules"]:
       raise UsageError(f"--config.{key}: unknown key {leaf!r} (have {sorted(node.keys())})")
     try:
-      value = _parse_value(text, node[leaf])
+      value = _parse_value(text, node.get(leaf, None))
     except (ValueError, SyntaxError) as e:
       raise UsageError(f"--config.{key}={text!r}: {e}") from e
     with node.ignore_type():

@@ -98,10 +98,20 @@ def mesh_from_config(mesh_cfg: Mapping | None, devices=None) -> Mesh:
 
 
 def rules_from_config(mesh_cfg: Mapping | None) -> dict:
-  """`DEFAULT_RULES` updated with `config.mesh.rules` (logical name -> mesh axis, list, or None)."""
+  """`DEFAULT_RULES` updated with `config.mesh.rules` (logical name -> mesh axis, list, or None).
+
+  Raises:
+    UsageError: naming the rule, for a logical name that is not in `DEFAULT_RULES` or a value that
+      is not None, a mesh axis or a list of distinct mesh axes.
+  """
   rules = dict(DEFAULT_RULES)
   extra = dict((mesh_cfg or {}).get("rules", None) or {})
   for k, v in extra.items():
+    if k not in DEFAULT_RULES:
+      raise UsageError(f"config mesh.rules.{k}: no such logical axis; use one of {sorted(DEFAULT_RULES)}")
+    axes = () if v is None else tuple(v) if isinstance(v, (list, tuple)) else (v,)
+    if any(a not in MESH_AXES for a in axes) or len(set(axes)) != len(axes):
+      raise UsageError(f"config mesh.rules.{k}={v!r}: give None, one of {list(MESH_AXES)} or a list of distinct ones")
     rules[k] = tuple(v) if isinstance(v, (list, tuple)) else v
   return rules
 
@@ -111,9 +121,10 @@ def from_config(config) -> tuple[Mesh | None, dict | None]:
   default: every axis 1), so single-device runs keep the plain programs."""
   m = config.get("mesh", None)
   m = {} if m is None else (m.to_dict() if hasattr(m, "to_dict") else dict(m))
+  rules = rules_from_config(m)  # checked on one device too: a misspelt rule is a mistake there as well
   if all(int(m.get(a, 1)) == 1 for a in MESH_AXES):
     return None, None
-  return mesh_from_config(m), rules_from_config(m)
+  return mesh_from_config(m), rules
 
 
 def rules_key(rules: Mapping | None):

@@ -25,6 +25,8 @@ OUT = os.path.join(HERE, "results", "aot")
 V5P8 = ["--topology", "v5p:2x2x2", "--config.mesh.fsdp=-1"]
 # One sample's tokens split 4 ways (`act_tokens` over context), parameters over fsdp 2.
 CTX4 = ["--topology", "v5p:2x2x2", "--config.mesh.fsdp=2", "--config.mesh.context=4"]
+# ... and the cached K/V's token axis split over context too (each shard keeps 1/4 of the cache).
+KV_CTX = ["--config.mesh.rules.tokens=context"]
 NONE = ["--config.model.remat=none"]
 B8 = ["--config.train.batch_size=8"]
 T14 = ["--teacher-config", "configs/wan_t2v_14b.py"]
@@ -44,6 +46,8 @@ ROWS = {
   "critic_v5p8_ctx4_full": ("DMD critic step, batch 1, fsdp 2 x context 4 (remat full)", [*CTX4, "--programs", "critic"]),
   "critic_v5p8_ctx4_none": ("DMD critic step, batch 1, fsdp 2 x context 4, no layer remat", [*CTX4, "--programs", "critic", *NONE]),
   "transition_v5p8_ctx4": ("rollout transition, batch 1, fsdp 2 x context 4", [*CTX4, "--programs", "transition"]),
+  "dmd_v5p8_ctx4kv_full": ("DMD generator step, batch 1, fsdp 2 x context 4, KV cache over context (remat full)", [*CTX4, *KV_CTX, "--programs", "dmd"]),
+  "transition_v5p8_ctx4kv": ("rollout transition, batch 1, fsdp 2 x context 4, KV cache over context", [*CTX4, *KV_CTX, "--programs", "transition"]),
   "dmd14_v5p8_full": ("DMD steps with a 14B teacher and critic, batch 1 (remat full)", [*V5P8, "--programs", "dmd,critic", *T14]),
 }
 

@@ -36,6 +36,7 @@ def assert_one_line_error(p, *needles):
     (["--config.model.attention=cudnn"], ["model.attention", "cudnn", "cpu"]),
     (["--config.sampler.context_sigma=fuzzy"], ["sampler.context_sigma"]),
     (["--config.runtime.memory_limit_gib=-1"], ["runtime.memory_limit_gib", "-1"]),
+    (["--config.mesh.rules.tokens=ctx"], ["mesh.rules.tokens", "'ctx'", "context"]),
   ],
 )
 def test_generate_flag_errors(tmp_path, args, needles):

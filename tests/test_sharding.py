@@ -34,6 +34,22 @@ def test_mesh_from_config():
   assert rules["act_tokens"] is None and rules["mlp"] == ("fsdp", "tensor") and rules["heads"] == "tensor"
 
 
+def test_rules_from_command_line_overrides():
+  """`--config.mesh.rules.NAME=AXIS` adds to the empty rule table; names and axes are checked
+  with one line each, on one device too (`from_config`)."""
+  over = ["--config.mesh.rules.tokens=context", "--config.mesh.rules.batch=('data',)", "--config.mesh.rules.embed=None", "--config.mesh.context=2"]
+  mesh, rules = shard_lib.from_config(asvd.load_config("configs/tiny.py", over))
+  assert (rules["tokens"], rules["batch"], rules["embed"], rules["heads"]) == ("context", ("data",), None, "tensor")
+  assert mesh.shape["context"] == 2
+  for bad, needle in [("token=context", "mesh.rules.token: no such logical axis"), ("tokens=ctx", "mesh.rules.tokens='ctx': give None"), ("batch=['data','data']", "distinct")]:
+    with pytest.raises(UsageError, match=re.escape(needle)):
+      shard_lib.from_config(asvd.load_config("configs/tiny.py", [f"--config.mesh.rules.{bad}"]))
+  with pytest.raises(UsageError, match="no section 'rules2'"):
+    asvd.load_config("configs/tiny.py", ["--config.mesh.rules2.tokens=context"])
+  with pytest.raises(UsageError, match="unknown key 'tokens'"):  # only mesh.rules takes new keys
+    asvd.load_config("configs/tiny.py", ["--config.mesh.tokens=context"])
+
+
 def test_spec_for_drops_axes_that_do_not_divide():
   mesh = shard_lib.mesh_from_config({"data": 2, "fsdp": 4})
   assert shard_lib.spec_for(("batch", "embed"), mesh, shape=(8, 64)) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
@@ -83,21 +99,28 @@ MESHES = {  # (stream below runs on data x tensor, the train step on data x fsdp
 }
 
 
-@pytest.mark.parametrize("name", list(MESHES))
+@pytest.mark.parametrize("name", [*MESHES, "context2_tensor2_fsdp2_kv_over_context"])
 def test_sharded_rollout_equals_single_device(name, cfg, context):
+  """The last case also splits the cached K/V's tokens over context (`mesh.rules.tokens`): each
+  shard keeps its part of the cache, and attention gathers the rest per layer."""
   model = asvd.init_dit(cfg.model, jax.random.key(0))
   rc = rcfg(cfg, scan_chunks=2)
   single, carry0 = asvd.rollout(model, context, 5, num_chunks=3, config=rc)
-  mesh = shard_lib.mesh_from_config(MESHES[name])
-  shard_lib.shard_model(model, mesh)
+  kv_ctx = name.endswith("_kv_over_context")
+  mesh = shard_lib.mesh_from_config(MESHES[name.removesuffix("_kv_over_context")])
+  rules = dict(shard_lib.DEFAULT_RULES, tokens="context") if kv_ctx else None
+  shard_lib.shard_model(model, mesh, rules)
   # Parameters already on their shards and the prompt from the host: a rollout moves nothing
   # between devices.
   with jax.transfer_guard_device_to_device("disallow_explicit"):
-    sharded, carry = asvd.rollout(model, np.asarray(context), 5, num_chunks=3, config=rc, mesh=mesh)
+    sharded, carry = asvd.rollout(model, np.asarray(context), 5, num_chunks=3, config=rc, mesh=mesh, rules=rules)
   chex.assert_trees_all_close(sharded, single, atol=2e-5, rtol=2e-5)
   chex.assert_trees_all_close(carry, carry0, atol=2e-5, rtol=2e-5)
-  if MESHES[name].get("tensor", 1) > 1:
+  if MESHES[name.removesuffix("_kv_over_context")].get("tensor", 1) > 1:
     assert carry[1].k.sharding.spec[3] == "tensor"  # cached K/V: heads over tensor
+  assert carry[1].k.sharding.spec[2] == ("context" if kv_ctx else None)  # tokens
+  if kv_ctx:  # each of the 8 devices holds an eighth of the K/V (batch, tokens and heads split)
+    assert carry[1].k.addressable_shards[0].data.size * 8 == carry[1].k.size
 
 
 def _collectives(hlo: str) -> dict:
@@ -175,10 +198,12 @@ def _train_setup(cfg):
   return g, tx, state, st.Frozen(teacher=teacher), batch
 
 
-def test_sharded_train_step_equals_single_device(cfg):
+@pytest.mark.parametrize("kv_over_context", [False, True])
+def test_sharded_train_step_equals_single_device(cfg, kv_over_context):
   """The causal-init step (teacher forcing: context written to the cache with the adaptive
-  state, a chunk denoised against it, Adam) on a data x fsdp x tensor mesh: the same loss and
-  updated state as on one device, and the new state stays on its shards. Every stage's step is
+  state, a chunk denoised against it, Adam) on a data x fsdp x tensor mesh (or fsdp x context x
+  tensor with the cached K/V's tokens over context, `mesh.rules.tokens="context"`): the same loss
+  and updated state as on one device, and the new state stays on its shards. Every stage's step is
   jitted by this `_jit_step` (the DMD step is compiled sharded for a TPU in tests/test_aot.py;
   compiling it twice for 8 CPU devices here took over 2 minutes)."""
   from asvd.train import steps as st  # noqa: PLC0415
@@ -193,8 +218,8 @@ def test_sharded_train_step_equals_single_device(cfg):
   single = trainer._jit_step(gen, None, None, state, frozen)
   want_state, want = single(jax.tree.map(jnp.asarray, host), jax.tree.map(jnp.asarray, batch), frozen)
 
-  mesh = shard_lib.mesh_from_config({"data": 2, "fsdp": 2, "tensor": 2})
-  rules = shard_lib.DEFAULT_RULES
+  mesh = shard_lib.mesh_from_config({"context" if kv_over_context else "data": 2, "fsdp": 2, "tensor": 2})
+  rules = dict(shard_lib.DEFAULT_RULES, tokens="context") if kv_over_context else shard_lib.DEFAULT_RULES
   s = jax.device_put(host, shard_lib.tree_shardings(state, mesh, rules))
   f = jax.device_put(frozen, shard_lib.tree_shardings(frozen, mesh, rules))
   sharded = trainer._jit_step(gen, mesh, rules, s, f)

@@ -176,6 +176,7 @@ def test_bad_train_config_errors(tmp_path):
     (["rollout.anchor=none", "rollout.positions=absolute", "train.stages=('dmd',)", "train.sample_chunks=8"], "train.sample_chunks"),
     (["train.dmd.reencode_vae=/nonexistent/vae.pth"], "train.dmd.reencode_vae"),
     (["train.teacher.text_dropout=1.0"], "train.teacher.text_dropout"),
+    (["mesh.rules.tokens=ctx"], "mesh.rules.tokens"),
   ):
     with pytest.raises(asvd.UsageError, match=re.escape(named)):
       trainer.check_config(asvd.load_config("configs/tiny.py", over))

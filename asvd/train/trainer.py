@@ -63,6 +63,7 @@ class NonFiniteError(UsageError):
 def check_config(cfg) -> None:
   t = cfg.train
   memory.setting(cfg)  # runtime.memory_check / memory_limit_gib
+  shard_lib.rules_from_config(cfg.get("mesh", None))  # mesh.rules (the mesh itself needs the devices)
   drop = t.teacher.get("text_dropout", 0.0)
   if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
     raise UsageError(f"train.teacher.text_dropout={drop!r} must be in [0, 1)")
