@@ -48,7 +48,8 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   "batch": ("data", "fsdp"),
   "act_embed": None,  # the residual stream's width: never split (its weights' embed is)
   "act_tokens": "context",  # tokens of the residual stream and of the queries
-  "tokens": None,  # cached K/V slots: whole on every context shard (each query block needs all)
+  "tokens": None,  # cached K/V slots: whole on every context shard, or split ("context": less memory, more traffic)
+  "kv_tokens": None,  # keys / values entering attention: whole (each query block attends to all)
   "slots": None,
   "head_dim": None,
   "frames": None,
@@ -358,6 +359,13 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(names, mesh, rules, x.shape)))
 
 
+def constrain_tree(tree, axes_tree):
+  """`constrain` on every leaf of `tree`, by the matching leaf (a tuple of names) of `axes_tree`."""
+  if getattr(_ACTIVE, "value", None) is None:
+    return tree
+  return jax.tree.map(lambda names, x: constrain(x, names), axes_tree, tree, is_leaf=_is_names)
+
+
 def active() -> tuple[Mesh, Mapping] | None:
   """`(mesh, rules)` of the enclosing `activation_sharding` (None outside one)."""
   return getattr(_ACTIVE, "value", None)
@@ -383,4 +391,5 @@ __all__ = [
   "check_sharded",
   "activation_sharding",
   "constrain",
+  "constrain_tree",
 ]

@@ -35,6 +35,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from asvd import kv_cache, sampler
+from asvd import sharding as shard_lib
 from asvd.errors import UsageError
 from asvd.kv_cache import Cache
 from asvd.models.dit import WanDiT
@@ -430,7 +431,10 @@ def transition_fn(model: WanDiT, lay: Layout, state, cache: Cache, noise, probe:
   gradient); the cache write never carries gradient.
   """
   x0, share = denoise(model, lay, cache, noise, probe, exit_step=exit_step, text=text)
-  new_cache = write_cache(model, lay, cache, x0, noise)
+  # Under a mesh the new cache is pinned to its logical layout inside the step as well, so that a
+  # rollout inside a training step keeps (and saves for the backward) the same split as a carry
+  # between steps (`mesh.rules.tokens="context"`: each context shard keeps its part).
+  new_cache = shard_lib.constrain_tree(write_cache(model, lay, cache, x0, noise), Cache.logical_axes())
   if lay.anchor == "adaptive":
     state, frames = x0[:, : lay.state_frames], x0[:, lay.state_frames :]
   else:
@@ -460,7 +464,6 @@ def initial_carry(model: WanDiT, context, lay: Layout, mesh=None, rules=None):
   """
   if mesh is None:
     return jax.device_put(empty_carry(model, text_kv(model, context), lay), home_device(model))
-  from asvd import sharding as shard_lib  # noqa: PLC0415
 
   graphdef, params = nnx.split(model)
   shapes = jax.eval_shape(_make_carry(graphdef, lay, None), params, context)
@@ -519,7 +522,6 @@ def carry_shardings(mesh, rules=None, carry=None):
 
   With `carry` (arrays or ShapeDtypeStructs), mesh axes that do not divide a dimension are
   dropped (a batch of 1 is replicated over `data`)."""
-  from asvd import sharding as shard_lib  # noqa: PLC0415
 
   axes = (("batch", "frames", "height", "width", "channels"), Cache.logical_axes())
   return shard_lib.logical_sharding(axes, mesh, rules, carry)
@@ -533,7 +535,6 @@ def step_shardings(params, carry, noise_shape_, mesh, rules=None):
   as a hashable `(leaves, treedef)` (the key of cached programs; `jax.tree.unflatten` it)."""
   if mesh is None:
     return None
-  from asvd import sharding as shard_lib  # noqa: PLC0415
 
   noise = jax.ShapeDtypeStruct(tuple(noise_shape_), jnp.float32)
   tree = (
@@ -567,7 +568,6 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
     constants baked into the program). `noise` is `[steps, B, Fs+F, H, W, C]` in adaptive
     mode (state frames first) and `[steps, B, F, H, W, C]` otherwise.
   """
-  from asvd import sharding as shard_lib  # noqa: PLC0415
 
   lay = make_layout(config, model.cfg, latent_hw, sampler_config)
   context = context if isinstance(context, jax.Array) else np.asarray(context)  # host stays host
@@ -623,7 +623,6 @@ def abstract_transition(model: WanDiT, lay: Layout, batch: int = 1):
 def _jitted_step(graphdef, lay: Layout, mesh, rules, shardings):
   """One jitted transition per (model graph, layout, mesh, rules, shardings): compiled once per
   process. `shardings` is `step_shardings(...)` (None without a mesh)."""
-  from asvd import sharding as shard_lib  # noqa: PLC0415
 
   rules = None if rules is None else dict(rules)
   kw = {}

@@ -123,6 +123,29 @@ def test_sharded_rollout_equals_single_device(name, cfg, context):
     assert carry[1].k.addressable_shards[0].data.size * 8 == carry[1].k.size
 
 
+def test_transition_pins_the_cache_layout_inside_any_program(cfg, context):
+  """A transition traced inside another program (a training step's rollout) hands on its new
+  cache in the carry's logical layout, not whatever GSPMD infers: with `tokens` over context the
+  cache a step computes from a replicated one comes out split (each shard keeps its part, which
+  is what halves the DMD generator step's memory at real size)."""
+  model = asvd.init_dit(cfg.model, jax.random.key(0))
+  state, cache, step = asvd.make_transition(model, context, config=rcfg(cfg))
+  mesh = shard_lib.mesh_from_config({"context": 2, "fsdp": 2, "tensor": 2})
+  rules = dict(shard_lib.DEFAULT_RULES, tokens="context")
+  g, params = nnx.split(model)
+  noise = jax.random.normal(jax.random.key(2), tr.noise_shape(step.layout, 2, 16))
+
+  def inner(params, state, cache, noise):  # no in/out shardings: only what the trace pins
+    with shard_lib.activation_sharding(mesh, rules):
+      return tr.transition_fn(nnx.merge(g, params), step.layout, state, cache, noise)
+
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  args = jax.device_put((params, state, cache, noise), rep)
+  _, new_cache, frames = jax.jit(inner)(*args)
+  assert new_cache.k.sharding.spec[2] == "context", new_cache.k.sharding
+  chex.assert_trees_all_close(frames, step(state, cache, noise)[2], atol=2e-5, rtol=2e-5)
+
+
 def _collectives(hlo: str) -> dict:
   ops = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
   return {op: len(re.findall(rf"= [^=]*? {op}(?:-start)?\(", hlo)) for op in ops}

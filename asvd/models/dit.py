@@ -213,8 +213,8 @@ class Dense(nnx.Module):
 # Logical names of activations (asvd.sharding.DEFAULT_RULES maps them to mesh axes).
 _RESIDUAL = ("batch", "frames", "act_tokens", "act_embed")  # [B, F, T, D]
 _HEADS = attn_lib.Q_NAMES  # queries / attention output [B, F, T, H, Dh]
-_KV_HEADS = ("batch", "tokens", "heads", "head_dim")  # keys / values [B, N*T + S, H, Dh]
-_KV_FRAMES = ("batch", "frames", "tokens", "heads", "head_dim")  # own keys / values [B, F, T, H, Dh]: whole
+_KV_HEADS = ("batch", "kv_tokens", "heads", "head_dim")  # keys / values [B, N*T + S, H, Dh]
+_KV_FRAMES = ("batch", "frames", "kv_tokens", "heads", "head_dim")  # own keys / values [B, F, T, H, Dh]: whole
 _SMALL = ("batch", None, "act_embed")  # time / text embeddings [B, F or L, D]: width whole
 
 
@@ -329,7 +329,8 @@ class Block(nnx.Module):
     k = rope_lib.apply_rope(k_own, cos_q, sin_q)
     v = v_own
     if slots is not None:
-      k_c, v_c = slots
+      # Cached slots split over context (`tokens` rule) are gathered here, as stored (before RoPE).
+      k_c, v_c = (shard_lib.constrain(a, _KV_HEADS) for a in slots)
       k = jnp.concatenate([rope_lib.apply_rope(k_c.astype(cfg.dtype), cos_c, sin_c), k], axis=1)
       v = jnp.concatenate([v_c.astype(cfg.dtype), v], axis=1)
     # Keys and values whole on every context shard (tokens -> all-gathered), heads over tensor.
