@@ -21,7 +21,7 @@ def add_commands(sub) -> None:
 def cmd_train(args, overrides) -> None:
   import asvd  # noqa: PLC0415
   from asvd import distributed  # noqa: PLC0415
-  from asvd.cli_generate import _runtime  # noqa: PLC0415
+  from asvd.cli_generate import _runtime, print_bf16_hint  # noqa: PLC0415
   from asvd.train import trainer  # noqa: PLC0415
 
   cfg = asvd.load_config(args.config, overrides)
@@ -33,6 +33,7 @@ def cmd_train(args, overrides) -> None:
     print(f"[asvd] process {jax.process_index()} of {jax.process_count()} ({how}), {jax.device_count()} devices in all", file=sys.stderr)
   trainer.check_config(cfg)
   _runtime(cfg)
+  print_bf16_hint(cfg)
   out = trainer.train(cfg, args.workdir, progress=not args.no_progress)
   if len(out) < len(cfg.train.stages) or None in out.values():
     print("stopped; run the same command to resume", file=sys.stderr)

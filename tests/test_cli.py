@@ -26,6 +26,7 @@ def test_generate_random_writes_latents(tmp_path):
   assert "chunk" in p.stderr  # the tqdm progress bar
   assert "compiling" in p.stderr and "compiled + chunk 1 in" in p.stderr  # compile reported apart
   assert "os.fork()" not in p.stderr  # ffmpeg is spawned without forking the JAX process
+  assert "no native bf16" not in p.stderr  # an f32 run gets no bf16 hint
   assert "preview.mp4 (a preview" in p.stdout
   # The preview without a VAE: one RGB frame per latent frame, the fixed projection, upscaled 8x.
   frames = read_video(out / "preview.mp4")
@@ -70,3 +71,18 @@ def test_bad_arguments_fail_fast(tmp_path):
   assert p.returncode == 2 and "nope.py" in p.stderr
   p = asvd_cli("generate", "--config", "configs/tiny.py", "--out", str(tmp_path))
   assert p.returncode == 2 and "--init random" in p.stderr
+
+
+def test_bf16_hint_only_for_bf16_on_a_cpu_without_native_bf16():
+  from asvd.cli_generate import _cpu_flags, cpu_bf16_hint  # noqa: PLC0415
+
+  avx2 = {"fpu", "sse2", "avx2", "fma"}
+  assert "no native bf16" in cpu_bf16_hint("bfloat16", "cpu", avx2)
+  assert cpu_bf16_hint("float32", "cpu", avx2) is None
+  assert cpu_bf16_hint("bfloat16", "gpu", avx2) is None
+  assert cpu_bf16_hint("bfloat16", "cpu", avx2 | {"avx512f", "avx512_bf16"}) is None  # Zen 4/5, Cooper Lake on
+  assert cpu_bf16_hint("bfloat16", "cpu", avx2 | {"amx_bf16", "amx_tile"}) is None  # Sapphire Rapids on
+  assert cpu_bf16_hint("bfloat16", "cpu", {"fp", "asimd", "bf16"}) is None  # ARM (Graviton 3, Neoverse V1)
+  assert cpu_bf16_hint("bfloat16", "cpu", set()) is None  # unknown: say nothing
+  flags = _cpu_flags()  # this machine's, read from /proc/cpuinfo (Linux, x86 or ARM)
+  assert {"fpu", "fp"} & flags, sorted(flags)[:20]
