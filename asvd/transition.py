@@ -522,7 +522,6 @@ def carry_shardings(mesh, rules=None, carry=None):
 
   With `carry` (arrays or ShapeDtypeStructs), mesh axes that do not divide a dimension are
   dropped (a batch of 1 is replicated over `data`)."""
-
   axes = (("batch", "frames", "height", "width", "channels"), Cache.logical_axes())
   return shard_lib.logical_sharding(axes, mesh, rules, carry)
 
@@ -568,7 +567,6 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
     constants baked into the program). `noise` is `[steps, B, Fs+F, H, W, C]` in adaptive
     mode (state frames first) and `[steps, B, F, H, W, C]` otherwise.
   """
-
   lay = make_layout(config, model.cfg, latent_hw, sampler_config)
   context = context if isinstance(context, jax.Array) else np.asarray(context)  # host stays host
   graphdef, params = nnx.split(model)
@@ -623,7 +621,6 @@ def abstract_transition(model: WanDiT, lay: Layout, batch: int = 1):
 def _jitted_step(graphdef, lay: Layout, mesh, rules, shardings):
   """One jitted transition per (model graph, layout, mesh, rules, shardings): compiled once per
   process. `shardings` is `step_shardings(...)` (None without a mesh)."""
-
   rules = None if rules is None else dict(rules)
   kw = {}
   if mesh is not None:

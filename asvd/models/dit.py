@@ -333,7 +333,7 @@ class Block(nnx.Module):
       k_c, v_c = (shard_lib.constrain(a, _KV_HEADS) for a in slots)
       k = jnp.concatenate([rope_lib.apply_rope(k_c.astype(cfg.dtype), cos_c, sin_c), k], axis=1)
       v = jnp.concatenate([v_c.astype(cfg.dtype), v], axis=1)
-    # Keys and values whole on every context shard (tokens -> all-gathered), heads over tensor.
+    # Keys and values whole on every context shard (`kv_tokens`: all-gathered), heads over tensor.
     k, v = shard_lib.constrain(k, _KV_HEADS), shard_lib.constrain(v, _KV_HEADS)
     o, share = attn_lib.attend(cfg.attention, q, k, v, frame_mask, probe)
     o = checkpoint_name(shard_lib.constrain(o, _HEADS), "attn_out")
