@@ -128,14 +128,15 @@ def cpu_bf16_hint(dtype: str, platform: str, cpu_flags: set[str]) -> str | None:
   """One line for a bf16 run on a CPU without native bf16 arithmetic, else None.
 
   Such a CPU (AVX2 only: no `avx512_bf16`, no AMX) widens every bf16 matmul: the small DiT
-  forward took 1,234 ms in bf16 against 957 ms in f32 on an AVX2 EPYC
-  (`benchmarks/results/dit_forward_amd-epyc-avx2-2c.json`), while bf16 still halves the memory.
+  forward took 1,100 ms in bf16 against 711 ms in f32 on an AVX2 EPYC (1,234 vs 957 ms on a
+  busier day; `benchmarks/results/dit_forward_amd-epyc-avx2-2c.json`), while bf16 still halves
+  the memory.
   """
   if platform != "cpu" or str(dtype) != "bfloat16" or not cpu_flags:
     return None
   if cpu_flags & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX-512 / AMX, ARM's bf16
     return None
-  return "[asvd] this CPU has no native bf16 arithmetic: bf16 runs about 1.3x slower than f32 here (but takes half the memory); the configs' :f32 variants are faster"
+  return "[asvd] this CPU has no native bf16 arithmetic: bf16 runs 1.3-1.5x slower than f32 here (but takes half the memory); the configs' :f32 variants are faster"
 
 
 def _cpu_flags() -> set[str]:
