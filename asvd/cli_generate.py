@@ -124,38 +124,14 @@ def _runtime(cfg) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def cpu_bf16_hint(dtype: str, platform: str, cpu_flags: set[str]) -> str | None:
-  """One line for a bf16 run on a CPU without native bf16 arithmetic, else None.
-
-  Such a CPU (AVX2 only: no `avx512_bf16`, no AMX) widens every bf16 matmul: the small DiT
-  forward took 1,100 ms in bf16 against 711 ms in f32 on an AVX2 EPYC (1,234 vs 957 ms on a
-  busier day; `benchmarks/results/dit_forward_amd-epyc-avx2-2c.json`), while bf16 still halves
-  the memory.
-  """
-  if platform != "cpu" or str(dtype) != "bfloat16" or not cpu_flags:
-    return None
-  if cpu_flags & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX-512 / AMX, ARM's bf16
-    return None
-  return "[asvd] this CPU has no native bf16 arithmetic: bf16 runs 1.3-1.5x slower than f32 here (but takes half the memory); the configs' :f32 variants are faster"
-
-
-def _cpu_flags() -> set[str]:
-  """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.split(":")[0].strip() in ("flags", "Features"):
-          return set(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return set()
-
-
 def print_bf16_hint(cfg) -> None:
-  """`cpu_bf16_hint` for this process (after any distributed start: it asks for the backend)."""
+  """`host.bf16_hint` for this process (after any distributed start: it asks for the backend)."""
   import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
 
-  line = cpu_bf16_hint(str(cfg.model.get("dtype", "float32")), jax.default_backend(), _cpu_flags())
+  from asvd import host  # noqa: PLC0415
+
+  line = host.bf16_hint(jnp.dtype(cfg.model.get("dtype", "float32")).name, jax.default_backend(), host.cpu_flags())
   if line and jax.process_index() == 0:
     print(line, file=sys.stderr)
 

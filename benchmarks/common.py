@@ -30,16 +30,14 @@ def configure_env(xla_flags: str = "", platform_name: str = "cpu") -> None:
 
 def cpu_info() -> dict[str, Any]:
   """Model name, visible core count and the matmul-relevant ISA flags of this machine."""
-  model, flags = platform.processor() or platform.machine(), set()
+  from asvd import host  # noqa: PLC0415
+
+  model, flags = platform.processor() or platform.machine(), host.cpu_flags()
   try:
     with open("/proc/cpuinfo") as f:
-      text = f.read()
-    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+      m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
     if m:
       model = m.group(1).strip()
-    m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    if m:
-      flags = set(m.group(1).split())
   except OSError:
     pass
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

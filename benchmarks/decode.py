@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,13 +38,6 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", 0.0))
 
 
-def _prod(xs) -> int:
-  n = 1
-  for x in xs:
-    n *= int(x)
-  return n
-
-
 def jaxpr_flops(closed) -> float:
   """Analytic FLOPs of a traced program: 2 x the multiply-adds of its convs and dots, from their
   shapes (not XLA's cost model); a scan's body counts its trip count times, a `cond` its
@@ -54,10 +48,10 @@ def jaxpr_flops(closed) -> float:
     out = eqn.outvars[0].aval
     if name == "conv_general_dilated":
       rhs, spec = eqn.invars[1].aval, eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
-      total += 2.0 * _prod(out.shape) * rhs.shape[spec[1]] * _prod(rhs.shape[d] for d in spec[2:])
+      total += 2.0 * math.prod(out.shape) * rhs.shape[spec[1]] * math.prod(rhs.shape[d] for d in spec[2:])
     elif name == "dot_general":
       (contract, _), _ = eqn.params["dimension_numbers"]
-      total += 2.0 * _prod(out.shape) * _prod(eqn.invars[0].aval.shape[d] for d in contract)
+      total += 2.0 * math.prod(out.shape) * math.prod(eqn.invars[0].aval.shape[d] for d in contract)
     subs = [v for v in eqn.params.values() if hasattr(v, "jaxpr") and hasattr(v, "consts")]
     if name == "cond":
       total += max(jaxpr_flops(b) for b in eqn.params["branches"])

@@ -99,16 +99,15 @@ MESHES = {  # (stream below runs on data x tensor, the train step on data x fsdp
 }
 
 
-@pytest.mark.parametrize("name", [*MESHES, "context2_tensor2_fsdp2_kv_over_context"])
-def test_sharded_rollout_equals_single_device(name, cfg, context):
+@pytest.mark.parametrize("name,kv_over_context", [*((n, False) for n in MESHES), ("context2_tensor2_fsdp2", True)])
+def test_sharded_rollout_equals_single_device(name, kv_over_context, cfg, context):
   """The last case also splits the cached K/V's tokens over context (`mesh.rules.tokens`): each
   shard keeps its part of the cache, and attention gathers the rest per layer."""
   model = asvd.init_dit(cfg.model, jax.random.key(0))
   rc = rcfg(cfg, scan_chunks=2)
   single, carry0 = asvd.rollout(model, context, 5, num_chunks=3, config=rc)
-  kv_ctx = name.endswith("_kv_over_context")
-  mesh = shard_lib.mesh_from_config(MESHES[name.removesuffix("_kv_over_context")])
-  rules = dict(shard_lib.DEFAULT_RULES, tokens="context") if kv_ctx else None
+  mesh = shard_lib.mesh_from_config(MESHES[name])
+  rules = dict(shard_lib.DEFAULT_RULES, tokens="context") if kv_over_context else None
   shard_lib.shard_model(model, mesh, rules)
   # Parameters already on their shards and the prompt from the host: a rollout moves nothing
   # between devices.
@@ -116,10 +115,10 @@ def test_sharded_rollout_equals_single_device(name, cfg, context):
     sharded, carry = asvd.rollout(model, np.asarray(context), 5, num_chunks=3, config=rc, mesh=mesh, rules=rules)
   chex.assert_trees_all_close(sharded, single, atol=2e-5, rtol=2e-5)
   chex.assert_trees_all_close(carry, carry0, atol=2e-5, rtol=2e-5)
-  if MESHES[name.removesuffix("_kv_over_context")].get("tensor", 1) > 1:
+  if MESHES[name].get("tensor", 1) > 1:
     assert carry[1].k.sharding.spec[3] == "tensor"  # cached K/V: heads over tensor
-  assert carry[1].k.sharding.spec[2] == ("context" if kv_ctx else None)  # tokens
-  if kv_ctx:  # each of the 8 devices holds an eighth of the K/V (batch, tokens and heads split)
+  assert carry[1].k.sharding.spec[2] == ("context" if kv_over_context else None)  # tokens
+  if kv_over_context:  # each of the 8 devices holds an eighth of the K/V (batch, tokens and heads split)
     assert carry[1].k.addressable_shards[0].data.size * 8 == carry[1].k.size
 
 
