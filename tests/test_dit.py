@@ -175,6 +175,32 @@ def test_remat_policies_same_grads(cfg, no_remat, remat):
   chex.assert_trees_all_close(want, _param_grads(other, *inputs), atol=1e-6, rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("shape", [(6, 10), (7, 3), (32, 48)])
+def test_tile_transpose_is_a_transpose(shape):
+  a = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  np.testing.assert_array_equal(np.asarray(dit_lib._tile_transpose(a)), np.asarray(a).T)
+
+
+def test_bf16_dense_grads_on_cpu_match_autodiff():
+  """The CPU bf16 matmul's custom VJP (transposed operands) against plain autodiff of the same
+  einsum, same bf16 inputs and a bf16-valued cotangent (the VJP rounds it to bf16, as a TPU's
+  default-precision matmul does): equal up to f32 summation order, rounded to bf16."""
+  kx, kw, kd = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(kx, (2, 3, 16, 48), jnp.bfloat16)
+  w = (0.1 * jax.random.normal(kw, (48, 80))).astype(jnp.bfloat16)
+  dy = jax.random.normal(kd, (2, 3, 16, 80), jnp.bfloat16).astype(jnp.float32)
+  plain = lambda x, w: jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32)  # noqa: E731
+  assert "custom_vjp_call" in str(jax.make_jaxpr(dit_lib._matmul)(x, w))  # the CPU bf16 path
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(dit_lib._matmul)(x.astype(jnp.float32), w.astype(jnp.float32)))
+  y, vjp = jax.vjp(dit_lib._matmul, x, w)
+  y_ref, vjp_ref = jax.vjp(plain, x, w)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  for g, g_ref in zip(jax.jit(vjp)(dy), jax.jit(vjp_ref)(dy), strict=True):
+    assert g.dtype == g_ref.dtype == jnp.bfloat16
+    g, g_ref = np.asarray(g, np.float32), np.asarray(g_ref, np.float32)
+    np.testing.assert_allclose(g, g_ref, rtol=0, atol=np.abs(g_ref).max() / 128)  # one bf16 ulp at the top; 1% off fails
+
 MASKS = {
   "none": None,
   "query_dependent": jnp.array([[[1, 0, 1], [1, 1, 0]]], bool),  # 2 query frames x 3 key frames

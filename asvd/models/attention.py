@@ -214,6 +214,11 @@ def auto_platform(platform: str):
     _AUTO_PLATFORM.pop()
 
 
+def tracing_platform() -> str:
+  """The platform programs are being traced for: `auto_platform`'s, else the default backend."""
+  return _AUTO_PLATFORM[-1] if _AUTO_PLATFORM else jax.default_backend()
+
+
 # On CPU, `auto` keeps dense `xla` attention while its f32 scores [B, H, Sq, Sk] stay this small:
 # tiling pays off only once the scores would not fit in memory, and below this the plain einsums
 # run as fast and compile ~1.6x faster (tiny models, tests); any real video size is far above it
@@ -229,7 +234,7 @@ def auto_choice(dtype, platform: str | None = None, scores: int | None = None) -
     platform: a JAX platform name; default: `auto_platform`'s, else the default backend.
     scores: the number of attention scores `B * H * Sq * Sk` (None: assume large).
   """
-  p = platform or (_AUTO_PLATFORM[-1] if _AUTO_PLATFORM else jax.default_backend())
+  p = platform or tracing_platform()
   if p in ("gpu", "cuda"):
     return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "dot_product"
   if p == "tpu":
