@@ -361,7 +361,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 def constrain_tree(tree, axes_tree):
   """`constrain` on every leaf of `tree`, by the matching leaf (a tuple of names) of `axes_tree`."""
-  if getattr(_ACTIVE, "value", None) is None:
+  if active() is None:
     return tree
   return jax.tree.map(lambda names, x: constrain(x, names), axes_tree, tree, is_leaf=_is_names)
 

@@ -44,11 +44,13 @@ from asvd.models import rope as rope_lib
 # Config.
 # ------------------------------------------------------------------------------------------------
 
-_REMAT_POLICIES = {
+_CP = jax.checkpoint_policies
+_REMAT_POLICIES = {  # `model.remat` -> the `jax.checkpoint` policy of the layer scan
   "none": None,  # no rematerialisation
-  "full": "nothing_saveable",  # save only each block's input
-  "dots": "dots",  # keep the big matmul outputs (and `Dense` outputs, see `_matmul`)
-  "attn_out": "names",  # keep the tensors tagged with checkpoint_name below
+  "full": _CP.nothing_saveable,  # save only each block's input
+  # The big matmul outputs: dots, and `Dense` outputs (a custom VJP on CPU bf16, see `_matmul`).
+  "dots": _CP.save_from_both_policies(_CP.dots_with_no_batch_dims_saveable, _CP.save_only_these_names("dense_out")),
+  "attn_out": _CP.save_only_these_names("attn_out"),  # the tensors tagged with checkpoint_name below
 }
 
 
@@ -631,14 +633,8 @@ class WanDiT(nnx.Module):
         return h, (k if return_kv else None, v if return_kv else None, share)
 
       policy = _REMAT_POLICIES[cfg.remat]
-      if policy == "names":
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names("attn_out"))
-      elif policy == "dots":
-        cp = jax.checkpoint_policies
-        dots = cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names("dense_out"))
-        body = jax.checkpoint(body, policy=dots)
-      elif policy is not None:
-        body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, policy))
+      if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
       h, (ks, vs, shares) = jax.lax.scan(body, h, jnp.arange(cfg.num_layers))
     else:
       outs = []
