@@ -9,6 +9,7 @@ the README ("Output files").
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -74,7 +75,9 @@ def add_commands(sub) -> None:
   m.add_argument("--config", default=None, help=f"the models' config (default {bundled.CONFIG}); --config.a.b=v overrides")
   m.add_argument("--prompts", type=_int_at_least(1, 8), default=8, help="how many of the eight evaluation captions (default 8)")
   m.add_argument("--multiples", default="1,2.4,6", help="multiples of the training horizon to measure at (default 1,2.4,6)")
-  m.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help="the rollouts' seed")
+  m.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help="the first rollout seed")
+  m.add_argument("--seeds", type=_int_at_least(1, 100), default=3, help="seeds per caption (seed, seed+1, ...; default 3): the videos every interval is taken over")
+  m.add_argument("--anchor-test", default=None, metavar="AT,AFTER", help="the anchor test: replace the anchor after chunk AT, measure AFTER chunks (default: after two horizons, one horizon)")
   m.add_argument("--out", default="out/panworld-eval", help="output folder (default out/panworld-eval)")
   m.set_defaults(func=cmd_eval_motion)
 
@@ -487,6 +490,18 @@ def cmd_eval_motion(args, overrides) -> None:
     raise UsageError(f"--multiples {args.multiples!r}: comma-separated numbers, e.g. 1,2.4,6") from None
   if not multiples or min(multiples) < 1:
     raise UsageError(f"--multiples {args.multiples!r}: each must be >= 1 (a multiple of the training horizon)")
+  if not all(math.isfinite(m) for m in multiples):
+    raise UsageError(f"--multiples {args.multiples!r}: each must be a finite number")
+  if args.seed + args.seeds - 1 > MAX_SEED:
+    raise UsageError(f"--seed {args.seed} --seeds {args.seeds}: the last seed would pass {MAX_SEED}")
+  anchor_at = None
+  if args.anchor_test is not None:
+    try:
+      anchor_at = tuple(int(x) for x in args.anchor_test.split(","))
+    except ValueError:
+      anchor_at = ()
+    if len(anchor_at) != 2 or min(anchor_at) < 1:
+      raise UsageError(f"--anchor-test {args.anchor_test!r}: two whole numbers >= 1, AT,AFTER (e.g. 6,3)")
   if args.models is not None and not os.path.isdir(args.models):
     raise UsageError(f"--models {args.models}: no such folder")
   if args.models is None:
@@ -506,7 +521,8 @@ def cmd_eval_motion(args, overrides) -> None:
     raise UsageError(f"{spec}: eval motion needs a PanWorld config (pipeline.pixel_patch and pipeline.text_encoder, as configs/panworld.py)")
   out = OutputDir(args.out, report.output_files(modes))
   models = {m: _load_dit(cfg, p, args.seed) for m, p in paths.items()}
-  result = report.evaluate(models, config_for, report.PROMPTS[: args.prompts], out, multiples=multiples, seed=args.seed)
+  seeds = range(args.seed, args.seed + args.seeds)
+  result = report.evaluate(models, config_for, report.PROMPTS[: args.prompts], out, multiples=multiples, seeds=seeds, anchor_test_at=anchor_at)
   print(report.markdown(result))
   print(f"wrote {out.path('eval.md')}, eval.json and the plots in {args.out}")
 

@@ -24,35 +24,51 @@ def _asvd(*args):
 def test_eval_motion_writes_the_table_and_plots(tmp_path):
   cfg = asvd.load_config("configs/panworld.py", SMALL)
   models = tmp_path / "models"
-  for i, mode in enumerate(("adaptive", "sink")):
+  for i, mode in enumerate(("adaptive", "sink", "none")):
     asvd.save_dit(asvd.init_dit(cfg.model, jax.random.key(i)), models / mode)
   out = tmp_path / "ev"
-  p = _asvd("eval", "motion", "--models", str(models), "--modes", "adaptive,sink", "--prompts", "2", "--multiples", "1,2", "--out", str(out), *SMALL)
+  args = ["--models", str(models), "--modes", "adaptive,sink,none", "--prompts", "2", "--seeds", "2", "--multiples", "1,2", "--anchor-test", "2,1"]
+  p = _asvd("eval", "motion", *args, "--out", str(out), *SMALL)
   assert p.returncode == 0, p.stderr[-2000:]
   res = json.loads((out / "eval.json").read_text())
   rows = res["metrics"]["rows"]
-  assert set(rows) == {"data", "adaptive", "sink"} and set(rows["data"]) == {"1x", "2x"}
-  for seg in ("1x", "2x"):  # real clips: the caption's speed, moving, no freeze, no drift
+  assert set(rows) == {"data", "adaptive", "sink", "none"} and set(rows["data"]) == {"1x", "2x"}
+  assert res["seeds"] == [0, 1] and res["videos_per_row"] == 4
+  for seg in ("1x", "2x"):  # real clips: the caption's speed, moving, kept look, no freeze
     d = rows["data"][seg]
-    assert d["speed"] == pytest.approx(1.0, abs=0.1) and d["freeze"] == 0.0 and d["dynamic"] == 1.0 and d["drift_data"] < 0.05
-  # Random weights generate noise, not a pan: far from the data's statistics and its motion.
-  for m in ("adaptive", "sink"):
-    assert rows[m]["2x"]["drift_data"] > 3 * rows["data"]["2x"]["drift_data"] and abs(rows[m]["2x"]["motion"] - rows["data"]["2x"]["motion"]) > 1.0, rows[m]
-  assert set(res["anchor_share_last_chunk"]) == {"adaptive", "sink"}
-  assert [c["text"].split(",")[0] for c in res["claim"]] == ["at 2x", "at 2x", "adaptive's attention share on the anchor slot is below sink's (last chunk)"]
+    assert d["speed"]["n"] == 4 and d["speed"]["lo"] <= d["speed"]["mean"] <= d["speed"]["hi"]
+    assert d["speed_mean"]["mean"] == pytest.approx(1.0, abs=0.1) and d["freeze"]["mean"] == 0.0 and d["label/moves"]["mean"] == 1.0
+    assert d["contrast"]["mean"] == pytest.approx(1.0, abs=0.4)
+  # Random weights generate noise, not a pan: no frame keeps the data's look or moves with the caption.
+  for m in ("adaptive", "sink", "none"):
+    assert rows[m]["2x"]["label/moves"]["mean"] < 1.0 and len(res["per_video"]["values"][m]["2x"]["speed"]) == 4, rows[m]
+  # Per-video values are kept, in the same order for every row (they pair).
+  assert len(res["per_video"]["values"]["data"]["1x"]["label"]) == 4
+  # The anchor test runs for the modes with an anchor, at the chunk asked for; none has none.
+  at = res["anchor_test"]
+  assert (at["at_chunk"], at["chunks_after"]) == (2, 1) and set(at["rows"]) == {"adaptive", "sink"}
+  assert all(at["rows"][m]["noise"]["mean"] > 0 for m in ("adaptive", "sink"))
+  assert set(res["anchor_share"]) == {"adaptive", "sink", "none"} and len(res["anchor_share"]["sink"]["per_chunk"]) == 6
+  assert res["anchor_share"]["none"]["last"]["mean"] == 0.0 and res["anchor_share"]["sink"]["last"]["mean"] > 0  # none's slot is masked
+  verdicts = {c["verdict"] for c in res["claim"]}
+  assert verdicts <= {"holds", "does not hold", "inconclusive"} and len(res["claim"]) == 10
   for f in ("eval.md", "speed.png", "anchor_share.png", "attention_adaptive.png", "attention_sink.png", "frames_adaptive.png", "frames_sink.png"):
     assert (out / f).stat().st_size > 0, f
   md = (out / "eval.md").read_text()
-  assert "| adaptive | 2x |" in md and "| data | 1x |" in md and "The paper's claim" in md
+  assert "| adaptive | 2x |" in md and "| data | 1x |" in md and "The paper's claim" in md and "| sink | " in md and "swap / noise" in md
   # Bad flags and missing models: one line each, before any model loads.
-  for args, word in (
+  for bad, word in (
     (["--modes", "adaptive,anchorless"], "--modes"),
     (["--multiples", "0.5,2"], "--multiples"),
+    (["--multiples", "nan"], "--multiples"),
+    (["--anchor-test", "0,3"], "--anchor-test"),
+    (["--anchor-test", "6"], "--anchor-test"),
+    (["--seeds", "0"], "--seeds"),
     (["--models", str(models), "--modes", "ema"], "no checkpoint folder for ema"),
     (["--models", str(tmp_path / "nowhere")], "--models"),
   ):
-    p = _asvd("eval", "motion", *args, "--out", str(tmp_path / "x"))
-    assert p.returncode == 2 and word in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-500:])
+    p = _asvd("eval", "motion", *bad, "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and word in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr[-500:])
 
 
 def test_generate_with_no_flag_runs_the_bundled_model(tmp_path, monkeypatch, capsys):

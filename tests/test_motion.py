@@ -151,3 +151,59 @@ def test_direction_gain_tells_a_denoiser_that_reads_the_direction_from_one_that_
   blind = motion.direction_gain(denoiser(False), cfg, (0.5, 0.9), clips=clips)
   assert all(v > 1.0 for v in reads.values()), reads
   assert all(v == pytest.approx(0.0, abs=1e-6) for v in blind.values()), blind
+
+
+# ------------------------------------------------------------------------------------------------
+# What a segment is: planted fading, looping, frozen and stalling videos are named as such.
+# ------------------------------------------------------------------------------------------------
+
+LOOK = {"speeds": {"slowly": 2, "quickly": 4}}  # the bundled config's whole-token speeds, 16 px
+CAPTIONS = ("camera pans left quickly over a snowy forest", "camera pans down slowly over a sandy desert, a red ball bounces")
+
+
+def _planted(caption, seed):
+  """A real 6x clip and its fading, looping, frozen and boundary-stalling versions."""
+  spec = pw.spec_of_caption(caption, np.random.default_rng(seed))
+  v = pw.render_clip(spec, 6 * H, 16, 16, **LOOK)
+  w = np.clip((np.arange(6 * H) - 3) / H, 0, 1)[:, None, None, None]  # to flat tan within a horizon
+  fade = np.round(v * (1 - w) + np.asarray([180, 160, 120]) * w).astype(np.uint8)
+  loop = v[np.arange(6 * H) % 7]  # pans for 7 frames, then jumps back to frame 0's view
+  frozen = np.repeat(v[:1], 6 * H, axis=0)
+  # The camera stands still on every pair that crosses a chunk boundary (F = 3) and moves on the others.
+  stall = v[np.cumsum(np.arange(6 * H) % 3 != 0)]
+  return {"real": v, "fade": fade, "loop": loop, "frozen": frozen, "stall": stall}
+
+
+@pytest.mark.parametrize("caption", CAPTIONS)
+def test_planted_videos_are_named_as_what_they_are(caption):
+  ref = motion.Reference.of_caption(caption, H, 16, 16, **LOOK)
+  for seed in (0, 1):
+    m = {k: motion.video_metrics(x, H, (1, 2.4, 6), ref, chunk_frames=3) for k, x in _planted(caption, seed).items()}
+    labels = {k: [s["label"] for s in r.values()] for k, r in m.items()}
+    assert labels["real"] == ["moves"] * 3 and labels["stall"] == ["moves"] * 3, labels
+    assert labels["fade"][1:] == ["faded", "faded"] and labels["loop"][1:] == ["loops", "loops"], labels
+    assert labels["frozen"] == ["frozen"] * 3, labels
+    # A faded segment is neither moving nor frozen: its speeds and freeze are not measured.
+    late = m["fade"]["6x"]
+    assert late["faded"] == 1.0 and late["contrast"] < 0.1 and all(np.isnan(late[k]) for k in ("speed", "speed_mean", "speed_boundary", "freeze"))
+    for seg, (a, b) in motion.segments(6 * H, H, (1, 2.4, 6)).items():
+      r = m["real"][seg]
+      assert r["contrast"] == pytest.approx(1.0, abs=0.5) and r["sharpness"] == pytest.approx(1.0, abs=0.5) and r["faded"] < 0.5
+      assert r["speed"] == pytest.approx(1.0, abs=0.05) and r["speed_boundary"] == pytest.approx(1.0, abs=0.05)
+      # The median hides a stall at every chunk boundary; the mean and the boundary speed show it.
+      s = m["stall"][seg]
+      moving_pairs = np.mean(np.arange(a + 1, b) % 3 != 0)  # 5 or 6 of the segment's 8 pairs
+      assert s["speed"] == pytest.approx(1.0, abs=0.05) and s["speed_mean"] == pytest.approx(moving_pairs, abs=0.03) and abs(s["speed_boundary"]) < 0.05, s
+    assert m["frozen"]["6x"]["sim0"] == pytest.approx(1.0) and m["loop"]["6x"]["rewind"] >= motion.LOOP_SHARE
+    assert m["real"]["6x"]["rewind"] == 0.0 and abs(m["real"]["6x"]["sim0"]) < 0.4
+
+
+def test_aggregate_gives_intervals_and_label_shares():
+  ref = motion.Reference.of_caption(CAPTIONS[0], H, 16, 16, **LOOK)
+  vids = [_planted(CAPTIONS[0], s) for s in range(3)]
+  per = [motion.video_metrics(v[k], H, (1, 6), ref, chunk_frames=3) for v in vids for k in ("real", "fade")]
+  agg = motion.aggregate(per)
+  assert agg["6x"]["label/faded"]["mean"] == pytest.approx(0.5) and agg["6x"]["label/moves"]["mean"] == pytest.approx(0.5)
+  sp = agg["6x"]["speed"]  # only the three real videos count: the faded ones have no speed
+  assert sp["n"] == 3 and sp["lo"] <= sp["mean"] <= sp["hi"] and sp["mean"] == pytest.approx(1.0, abs=0.05)
+  assert agg["6x"]["contrast"]["n"] == 6

@@ -13,16 +13,19 @@ import numpy as np
 import asvd
 
 
-def attention_shares(model, context, key, *, num_chunks: int, config, sampler_config=None, memory_check=True):
+def attention_shares(model, context, key, *, num_chunks: int, config, sampler_config=None, memory_check=True, batch_mean=True):
   """Runs a probed rollout and groups the shares (`memory_check`: as in `asvd.rollout`).
 
   Returns:
-    `(latents, groups)` where `groups` is a dict name -> float array `[num_chunks, L]` (batch mean).
+    `(latents, groups)` where `groups` is a dict name -> float array `[num_chunks, L]` (batch
+    mean), or `[num_chunks, L, B]` per video with `batch_mean=False`.
   """
   rc = config.copy_and_resolve_references()
   rc.probe = True
   latents, _, share = asvd.rollout(model, context, key, num_chunks=num_chunks, config=rc, sampler_config=sampler_config, memory_check=memory_check)
-  share = np.asarray(share).mean(axis=2)  # [chunks, L, N + Fz]
+  share = np.asarray(share)  # [chunks, L, B, N + Fz]
+  if batch_mean:
+    share = share.mean(axis=2)  # [chunks, L, N + Fz]
   fs = 0 if rc.positions == "absolute" else int(rc.state_frames)
   n = share.shape[-1] - (int(rc.chunk_frames) + (fs if rc.anchor == "adaptive" else 0))
   groups = {}

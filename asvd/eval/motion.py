@@ -29,10 +29,14 @@ import dataclasses
 import numpy as np
 
 from asvd.data import panworld
+from asvd.eval import stats
 
 DYNAMIC_PX = 0.5  # a block moving more than this (pixels per frame) makes its frame pair move
 DYNAMIC_SHARE = 0.25  # a video is dynamic when at least this share of its pairs move
 FREEZE_FRACTION = 0.1  # a pair is frozen below this fraction of real frames' change
+FADED_CONTRAST = 0.5  # a frame below this share of real frames' contrast has faded
+REWIND_SIMILARITY = 0.8  # a late frame this correlated with frame 0 shows frame 0's view again
+LOOP_SHARE = 0.05  # a segment loops when this share of its late frames return to frame 0
 
 
 def frame_shifts(frames_thwc: np.ndarray) -> np.ndarray:
@@ -73,6 +77,34 @@ def frame_stats(frames_thwc: np.ndarray) -> np.ndarray:
   return np.concatenate([x.mean((0, 1, 2)), x.std((0, 1, 2)), [np.hypot(gy, gx).mean()]])
 
 
+def _grey(frames_thwc: np.ndarray) -> np.ndarray:
+  return np.asarray(frames_thwc, np.float64).mean(-1) / 255.0  # [T, H, W], 0..1
+
+
+def frame_contrast(frames_thwc: np.ndarray) -> np.ndarray:
+  """float `[T]`: each frame's grey-level contrast (pixel standard deviation, 0..1 scale)."""
+  return _grey(frames_thwc).std((1, 2))
+
+
+def frame_sharpness(frames_thwc: np.ndarray) -> np.ndarray:
+  """float `[T]`: each frame's edge strength (mean grey gradient magnitude, 0..1 per pixel)."""
+  gy, gx = np.gradient(_grey(frames_thwc), axis=(1, 2))
+  return np.hypot(gy, gx).mean((1, 2))
+
+
+def similarity_to(frames_thwc: np.ndarray, frame_hwc: np.ndarray) -> np.ndarray:
+  """float `[T]`: the correlation of each frame's grey levels with `frame_hwc`'s (-1..1).
+
+  Correlation ignores brightness and contrast, so a dim copy of the anchor frame still counts as
+  the anchor's content; a flat frame (no contrast) scores 0."""
+  a = _grey(frames_thwc)
+  a = a - a.mean((1, 2), keepdims=True)
+  b = _grey(np.asarray(frame_hwc)[None])[0]
+  b = b - b.mean()
+  den = np.sqrt((a * a).sum((1, 2)) * (b * b).sum())
+  return np.where(den > 1e-12, (a * b).sum((1, 2)) / np.maximum(den, 1e-12), 0.0)
+
+
 def mean_abs_change(frames_thwc: np.ndarray) -> np.ndarray:
   """float `[T - 1]`: mean absolute difference of consecutive frames (0..255)."""
   x = np.asarray(frames_thwc, np.float64)
@@ -81,12 +113,14 @@ def mean_abs_change(frames_thwc: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-  """What real PanWorld videos of one caption look like: frame statistics, frame change and the
-  camera's velocity."""
+  """What real PanWorld videos of one caption look like: frame statistics, contrast, sharpness,
+  frame change and the camera's velocity."""
 
   stats: np.ndarray  # [7], as frame_stats
   change: float  # mean absolute difference of consecutive frames
   velocity: tuple[int, int]  # the caption's camera (dy, dx) in pixels per frame at the data's speeds
+  contrast: float = 1.0  # mean frame_contrast of real frames
+  sharpness: float = 1.0  # mean frame_sharpness of real frames
 
   @classmethod
   def of_caption(
@@ -98,31 +132,82 @@ class Reference:
     rng = np.random.default_rng(seed)
     vids = [panworld.render_clip(panworld.spec_of_caption(caption, rng), frames, height, width, speeds=speeds, scale=scale, texture=texture) for _ in range(clips)]
     velocity = panworld.parse_caption(caption).velocity(speeds)
-    return cls(np.mean([frame_stats(v) for v in vids], axis=0), float(np.mean([mean_abs_change(v).mean() for v in vids])), velocity)
+    return cls(
+      np.mean([frame_stats(v) for v in vids], axis=0),
+      float(np.mean([mean_abs_change(v).mean() for v in vids])),
+      velocity,
+      float(np.mean([frame_contrast(v).mean() for v in vids])),
+      float(np.mean([frame_sharpness(v).mean() for v in vids])),
+    )
 
 
-def segment_metrics(frames_thwc: np.ndarray, velocity, first_thwc: np.ndarray, ref: Reference) -> dict:
+def _nan_stat(fn, x) -> float:
+  x = np.asarray(x, np.float64)
+  return float(fn(x)) if x.size else float("nan")
+
+
+def segment_metrics(frames_thwc: np.ndarray, velocity, first_thwc: np.ndarray, ref: Reference, *, start: int = 0, chunk_frames: int | None = None, horizon: int | None = None) -> dict:
   """The metrics of one segment of one video (module docstring).
 
   Args:
     frames_thwc: uint8 `[T, H, W, 3]`, the segment.
     velocity: the caption's camera `(dy, dx)` in pixels per frame (the scene moves by `-v`).
-    first_thwc: the video's first segment (for `drift_start`).
+    first_thwc: the video's first segment (for `drift_start`; its frame 0 for `sim0`).
     ref: real clips of the same caption.
+    start: the segment's first frame index in the video (for chunk boundaries and `rewind`).
+    chunk_frames: frames per generated chunk (`F`), for `speed_boundary`; None: no boundaries.
+    horizon: the training horizon `H`: `rewind` counts frames from index `H` on (None: the
+      segment's length).
   """
+  t = len(frames_thwc)
+  horizon = t if horizon is None else int(horizon)
   v = -np.asarray(velocity, np.float64)
+  contrast = frame_contrast(frames_thwc) / max(ref.contrast, 1e-12)
+  sharp = frame_sharpness(frames_thwc) / max(ref.sharpness, 1e-12)
+  kept = contrast >= FADED_CONTRAST  # [T]
+  pair_ok = kept[:-1] & kept[1:]  # [T - 1]: only pairs of frames that kept their look count
   shifts = frame_shifts(frames_thwc)
-  speed = float(np.median(shifts @ v) / (v @ v))
+  proj = shifts @ v / (v @ v)
+  idx = np.arange(start + 1, start + t)  # the later frame of each pair
+  boundary = pair_ok & (idx % chunk_frames == 0) if chunk_frames else np.zeros_like(pair_ok)
+  change = mean_abs_change(frames_thwc)
   moving = block_motion(frames_thwc) > DYNAMIC_PX
+  sim = similarity_to(frames_thwc, first_thwc[0])
+  late = np.arange(start, start + t) >= max(horizon, 1)
   st = frame_stats(frames_thwc)
-  return {
-    "speed": speed,
-    "motion": float(np.median(np.hypot(shifts[:, 0], shifts[:, 1]))),
-    "dynamic": float(moving.mean() >= DYNAMIC_SHARE),
-    "freeze": float((mean_abs_change(frames_thwc) < FREEZE_FRACTION * ref.change).mean()),
+  faded = float(1.0 - kept.mean())
+  freeze = _nan_stat(np.mean, change[pair_ok] < FREEZE_FRACTION * ref.change)
+  rewind = _nan_stat(np.mean, sim[late] >= REWIND_SIMILARITY)
+  m = {
+    "contrast": float(contrast.mean()),
+    "sharpness": float(sharp.mean()),
+    "faded": faded,
+    "speed": _nan_stat(np.median, proj[pair_ok]),
+    "speed_mean": _nan_stat(np.mean, proj[pair_ok]),
+    "speed_boundary": _nan_stat(np.mean, proj[boundary]),
+    "motion": _nan_stat(np.median, np.hypot(shifts[pair_ok, 0], shifts[pair_ok, 1])),
+    "dynamic": float(moving[pair_ok].mean() >= DYNAMIC_SHARE) if pair_ok.any() else float("nan"),
+    "freeze": freeze,
+    "sim0": _nan_stat(np.mean, sim[1:] if start == 0 else sim),
+    "rewind": rewind,
     "drift_start": float(np.abs(st - frame_stats(first_thwc)).mean()),
     "drift_data": float(np.abs(st - ref.stats).mean()),
   }
+  m["label"] = label(m)
+  return m
+
+
+def label(m: dict) -> str:
+  """What a segment is, from its metrics: `faded` (most frames lost half of the real contrast;
+  never counted as moving or frozen), `frozen` (most frame pairs barely change), `loops` (late
+  frames return to frame 0's view) or `moves`."""
+  if m["faded"] >= 0.5:
+    return "faded"
+  if np.isfinite(m["freeze"]) and m["freeze"] >= 0.5:
+    return "frozen"
+  if np.isfinite(m["rewind"]) and m["rewind"] >= LOOP_SHARE:
+    return "loops"
+  return "moves"
 
 
 def segments(total: int, horizon: int, multiples) -> dict[str, tuple[int, int]]:
@@ -136,11 +221,15 @@ def segments(total: int, horizon: int, multiples) -> dict[str, tuple[int, int]]:
   return out
 
 
-def video_metrics(frames_thwc: np.ndarray, horizon: int, multiples, ref: Reference) -> dict[str, dict]:
+def video_metrics(frames_thwc: np.ndarray, horizon: int, multiples, ref: Reference, chunk_frames: int | None = None) -> dict[str, dict]:
   """`{segment: metrics}` of one video at each multiple of the horizon (`ref`: real clips of
-  its caption, whose camera velocity it is measured against)."""
+  its caption, whose camera velocity it is measured against; `chunk_frames`: the generator's
+  `F`, for the chunk-boundary speed)."""
   first = frames_thwc[:horizon]
-  return {k: segment_metrics(frames_thwc[a:b], ref.velocity, first, ref) for k, (a, b) in segments(len(frames_thwc), horizon, multiples).items()}
+  return {
+    k: segment_metrics(frames_thwc[a:b], ref.velocity, first, ref, start=a, chunk_frames=chunk_frames, horizon=horizon)
+    for k, (a, b) in segments(len(frames_thwc), horizon, multiples).items()
+  }
 
 
 def sample_motion(frames_thwc: np.ndarray, caption: str, speeds: dict | None = None) -> dict[str, float]:
@@ -250,10 +339,19 @@ def direction_gain(predict, config, sigmas=(0.5, 0.8), *, clips: int = 32, seed:
   return out
 
 
-METRICS = ("speed", "motion", "dynamic", "freeze", "drift_start", "drift_data")
+METRICS = ("contrast", "sharpness", "faded", "speed", "speed_mean", "speed_boundary", "motion", "dynamic", "freeze", "sim0", "rewind", "drift_start", "drift_data")
+LABELS = ("moves", "frozen", "loops", "faded")
 
 
-def aggregate(per_video: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
-  """Mean over videos of each metric at each segment."""
+def aggregate(per_video: list[dict[str, dict]], seed: int = 0) -> dict[str, dict[str, dict]]:
+  """Each metric at each segment over the videos: `{segment: {metric: {"mean", "lo", "hi",
+  "n"}}}` (bootstrap 95% interval, `asvd.eval.stats`; NaNs drop out), plus the share of videos
+  of each `label` (`"label/moves"`, ...)."""
   segs = per_video[0].keys()
-  return {s: {m: float(np.mean([v[s][m] for v in per_video])) for m in METRICS} for s in segs}
+  out = {}
+  for s in segs:
+    row = {m: stats.bootstrap([v[s][m] for v in per_video], seed=seed).as_dict() for m in METRICS}
+    for lab in LABELS:
+      row[f"label/{lab}"] = stats.bootstrap([float(v[s]["label"] == lab) for v in per_video], seed=seed).as_dict()
+    out[s] = row
+  return out
