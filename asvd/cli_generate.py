@@ -69,17 +69,28 @@ def add_commands(sub) -> None:
   a = esub.add_parser("attention", help="plot the attention share per cache slot group (PNG + JSON)")
   _common(a)
   a.set_defaults(func=cmd_eval_attention)
-  m = esub.add_parser("motion", help="PanWorld: camera speed, motion, freeze and drift per anchor mode at multiples of the horizon (table + plots)")
-  m.add_argument("--models", default=None, help="a folder with one checkpoint per mode (<mode>/, e.g. the workdirs' dmd/model copied there; default: the bundled models)")
-  m.add_argument("--modes", default=",".join(bundled.MODES), help="comma-separated anchor modes to evaluate (default: all four)")
-  m.add_argument("--config", default=None, help=f"the models' config (default {bundled.CONFIG}); --config.a.b=v overrides")
-  m.add_argument("--prompts", type=_int_at_least(1, 8), default=8, help="how many of the eight evaluation captions (default 8)")
+  m = esub.add_parser("motion", help="PanWorld: look, camera speed, freezing, rewinds and the anchor test per anchor mode, with 95% intervals (tables + plots)")
+  _panworld_eval_flags(m, "out/panworld-eval")
   m.add_argument("--multiples", default="1,2.4,6", help="multiples of the training horizon to measure at (default 1,2.4,6)")
-  m.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help="the first rollout seed")
-  m.add_argument("--seeds", type=_int_at_least(1, 100), default=3, help="seeds per caption (seed, seed+1, ...; default 3): the videos every interval is taken over")
   m.add_argument("--anchor-test", default=None, metavar="AT,AFTER", help="the anchor test: replace the anchor after chunk AT, measure AFTER chunks (default: after two horizons, one horizon)")
-  m.add_argument("--out", default="out/panworld-eval", help="output folder (default out/panworld-eval)")
   m.set_defaults(func=cmd_eval_motion)
+  d = esub.add_parser("dose", help="PanWorld: speed, look and similarity to frame 0 against the anchor's attention share, swept by rollout.anchor_bias")
+  _panworld_eval_flags(d, "out/panworld-dose", modes="adaptive,sink")
+  d.add_argument("--biases", default="-4,-2,0,2,4", help="logit biases on the anchor slots' keys (rollout.anchor_bias; default -4,-2,0,2,4)")
+  d.add_argument("--multiple", type=float, default=6.0, help="the segment measured: the horizon ending at this multiple of it (default 6)")
+  d.set_defaults(func=cmd_eval_dose)
+
+
+def _panworld_eval_flags(p, out: str, modes: str | None = None) -> None:
+  from asvd import bundled  # noqa: PLC0415
+
+  p.add_argument("--models", default=None, help="a folder with one checkpoint per mode (<mode>/, e.g. the workdirs' dmd/model copied there; default: the bundled models)")
+  p.add_argument("--modes", default=modes or ",".join(bundled.MODES), help=f"comma-separated anchor modes to evaluate (default: {modes or 'all four'})")
+  p.add_argument("--config", default=None, help=f"the models' config (default {bundled.CONFIG}); --config.a.b=v overrides")
+  p.add_argument("--prompts", type=_int_at_least(1, 8), default=8, help="how many of the eight evaluation captions (default 8)")
+  p.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0, help="the first rollout seed")
+  p.add_argument("--seeds", type=_int_at_least(1, 100), default=3, help="seeds per caption (seed, seed+1, ...; default 3): the videos every interval is taken over")
+  p.add_argument("--out", default=out, help=f"output folder (default {out})")
 
 
 def _common(p) -> None:
@@ -474,34 +485,28 @@ def cmd_decode(args, overrides) -> None:
     print(f"wrote {out.path(n)} ({frames} frames)")
 
 
-def cmd_eval_motion(args, overrides) -> None:
-  """`asvd eval motion`: asvd.eval.report over one model per anchor mode (bundled by default)."""
+def _numbers(text: str, flag: str, example: str) -> list[float]:
+  """Comma-separated finite numbers of `flag`, or one line naming it."""
+  try:
+    vals = [float(x) for x in text.split(",")]
+  except ValueError:
+    vals = []
+  if not vals or not all(math.isfinite(v) for v in vals):
+    raise UsageError(f"{flag} {text!r}: comma-separated finite numbers, e.g. {example}")
+  return vals
+
+
+def _panworld_models(args, overrides, what: str):
+  """The checked modes, `config_for(mode)` and model paths of `asvd eval motion` / `dose`
+  (every flag checked before any model loads)."""
   from asvd import bundled  # noqa: PLC0415
-  from asvd.eval import report  # noqa: PLC0415
-  from asvd.outputs import OutputDir  # noqa: PLC0415
 
   modes = [m.strip() for m in args.modes.split(",") if m.strip()]
   bad = [m for m in modes if m not in bundled.MODES]
   if bad or not modes:
     raise UsageError(f"--modes {args.modes!r}: choose from {', '.join(bundled.MODES)}")
-  try:
-    multiples = [float(x) for x in args.multiples.split(",")]
-  except ValueError:
-    raise UsageError(f"--multiples {args.multiples!r}: comma-separated numbers, e.g. 1,2.4,6") from None
-  if not multiples or min(multiples) < 1:
-    raise UsageError(f"--multiples {args.multiples!r}: each must be >= 1 (a multiple of the training horizon)")
-  if not all(math.isfinite(m) for m in multiples):
-    raise UsageError(f"--multiples {args.multiples!r}: each must be a finite number")
   if args.seed + args.seeds - 1 > MAX_SEED:
     raise UsageError(f"--seed {args.seed} --seeds {args.seeds}: the last seed would pass {MAX_SEED}")
-  anchor_at = None
-  if args.anchor_test is not None:
-    try:
-      anchor_at = tuple(int(x) for x in args.anchor_test.split(","))
-    except ValueError:
-      anchor_at = ()
-    if len(anchor_at) != 2 or min(anchor_at) < 1:
-      raise UsageError(f"--anchor-test {args.anchor_test!r}: two whole numbers >= 1, AT,AFTER (e.g. 6,3)")
   if args.models is not None and not os.path.isdir(args.models):
     raise UsageError(f"--models {args.models}: no such folder")
   if args.models is None:
@@ -513,18 +518,57 @@ def cmd_eval_motion(args, overrides) -> None:
       raise UsageError(f"--models {args.models}: no checkpoint folder for {', '.join(missing)} (expected {os.path.join(args.models, missing[0])})")
   spec = args.config or bundled.CONFIG
 
-  def config_for(mode):
-    return _load_config(spec, [*overrides, f"--config.rollout.anchor={mode}"])
+  def config_for(mode, extra=()):
+    return _load_config(spec, [*overrides, f"--config.rollout.anchor={mode}", *extra])
 
   cfg = config_for(modes[0])
   if not _own_text_path(cfg):
-    raise UsageError(f"{spec}: eval motion needs a PanWorld config (pipeline.pixel_patch and pipeline.text_encoder, as configs/panworld.py)")
+    raise UsageError(f"{spec}: eval {what} needs a PanWorld config (pipeline.pixel_patch and pipeline.text_encoder, as configs/panworld.py)")
+  return modes, config_for, paths, cfg
+
+
+def cmd_eval_motion(args, overrides) -> None:
+  """`asvd eval motion`: asvd.eval.report over one model per anchor mode (bundled by default)."""
+  from asvd.eval import report  # noqa: PLC0415
+  from asvd.outputs import OutputDir  # noqa: PLC0415
+
+  multiples = _numbers(args.multiples, "--multiples", "1,2.4,6")
+  if min(multiples) < 1:
+    raise UsageError(f"--multiples {args.multiples!r}: each must be >= 1 (a multiple of the training horizon)")
+  anchor_at = None
+  if args.anchor_test is not None:
+    try:
+      anchor_at = tuple(int(x) for x in args.anchor_test.split(","))
+    except ValueError:
+      anchor_at = ()
+    if len(anchor_at) != 2 or min(anchor_at) < 1:
+      raise UsageError(f"--anchor-test {args.anchor_test!r}: two whole numbers >= 1, AT,AFTER (e.g. 6,3)")
+  modes, config_for, paths, cfg = _panworld_models(args, overrides, "motion")
   out = OutputDir(args.out, report.output_files(modes))
   models = {m: _load_dit(cfg, p, args.seed) for m, p in paths.items()}
   seeds = range(args.seed, args.seed + args.seeds)
   result = report.evaluate(models, config_for, report.PROMPTS[: args.prompts], out, multiples=multiples, seeds=seeds, anchor_test_at=anchor_at)
   print(report.markdown(result))
   print(f"wrote {out.path('eval.md')}, eval.json and the plots in {args.out}")
+
+
+def cmd_eval_dose(args, overrides) -> None:
+  """`asvd eval dose`: asvd.eval.dose, the anchor-bias sweep."""
+  from asvd.eval import dose, report  # noqa: PLC0415
+  from asvd.outputs import OutputDir  # noqa: PLC0415
+
+  biases = _numbers(args.biases, "--biases", "-4,-2,0,2,4")
+  if not math.isfinite(args.multiple) or args.multiple < 1:
+    raise UsageError(f"--multiple {args.multiple}: a finite multiple of the training horizon, >= 1")
+  if "none" in [m.strip() for m in args.modes.split(",")]:
+    raise UsageError(f"--modes {args.modes!r}: none has no anchor to bias; choose from adaptive, sink, ema")
+  modes, config_for, paths, cfg = _panworld_models(args, overrides, "dose")
+  out = OutputDir(args.out, dose.OUTPUT_FILES)
+  models = {m: _load_dit(cfg, p, args.seed) for m, p in paths.items()}
+  seeds = range(args.seed, args.seed + args.seeds)
+  result = dose.sweep(models, config_for, report.PROMPTS[: args.prompts], out, biases=biases, multiple=args.multiple, seeds=seeds)
+  print(dose.markdown(result))
+  print(f"wrote {out.path('dose.md')}, dose.json and dose.png in {args.out}")
 
 
 def cmd_eval_attention(args, overrides) -> None:

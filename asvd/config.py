@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
       absolute_frames=21,  # cache frames of the absolute preset
       ema_decay=0.9,
       sink_in_window=False,  # sink: also keep the sink frames in the window (LongLive: False)
+      anchor_bias=0.0,  # added to the attention logits of the anchor slots' keys (a dose knob; 0: off)
       batch_size=1,
       latent_hw=(60, 104),  # latent H, W (480x832 pixels)
       probe=False,  # return the attention share per slot group

@@ -50,8 +50,9 @@ class Cache:
   def num_slots(self) -> int:
     return self.valid.shape[-1]
 
-  def slots(self, positions: jax.Array) -> KVSlots:
-    return KVSlots(k=self.k, v=self.v, valid=self.valid, positions=positions)
+  def slots(self, positions: jax.Array, bias: jax.Array | None = None) -> KVSlots:
+    """The slots as the model reads them (`bias`: a logit bias per slot, `KVSlots.bias`)."""
+    return KVSlots(k=self.k, v=self.v, valid=self.valid, positions=positions, bias=bias)
 
   @staticmethod
   def logical_axes() -> Cache:

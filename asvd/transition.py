@@ -62,6 +62,7 @@ class Layout:
   context_sigma: float
   context_noise: bool = False  # the clean re-run's input is re-noised (fresh noise, last slot)
   sink_in_window: bool = False  # sink: the sink frames also enter the window
+  anchor_bias: float = 0.0  # logit bias on the anchor slots' keys (`rollout.anchor_bias`)
 
   @property
   def num_slots(self) -> int:
@@ -155,6 +156,14 @@ def make_layout(config, model_cfg, latent_hw=None, sampler_config=None) -> Layou
   if not 0.0 <= t_ctx <= float(s.num_train_timesteps):
     raise UsageError(f"sampler.context_timestep={t_ctx} must be in [0, {s.num_train_timesteps}]")
   context_noise = t_ctx > 0 or mode == "table"
+  try:
+    anchor_bias = float(r.get("anchor_bias", 0.0))
+  except (TypeError, ValueError):
+    anchor_bias = float("nan")
+  if not np.isfinite(anchor_bias):
+    raise UsageError(f"rollout.anchor_bias={r.get('anchor_bias')!r} must be a finite number (a logit bias; 0 is off)")
+  if anchor_bias and (absolute or fs == 0):
+    raise UsageError(f"rollout.anchor_bias={anchor_bias} biases the anchor slots, and this layout has none (positions={r.positions!r}, state_frames={fs})")
   return Layout(
     anchor=anchor,
     absolute=absolute,
@@ -171,12 +180,21 @@ def make_layout(config, model_cfg, latent_hw=None, sampler_config=None) -> Layou
     context_sigma=float(sampler.sigma_of(t_ctx, s)[0]) if context_noise else 0.0,
     context_noise=context_noise,
     sink_in_window=bool(r.get("sink_in_window", False)),
+    anchor_bias=anchor_bias,
   )
 
 
 # ------------------------------------------------------------------------------------------------
 # The transition.
 # ------------------------------------------------------------------------------------------------
+
+
+def _slots(lay: Layout, cache: Cache, slot_pos):
+  """The cache's slots as the model reads them, with the anchor's logit bias when one is set."""
+  bias = None
+  if lay.anchor_bias:
+    bias = jnp.asarray([lay.anchor_bias] * lay.state_frames + [0.0] * (lay.num_slots - lay.state_frames), jnp.float32)
+  return cache.slots(slot_pos, bias)
 
 
 def _positions(lay: Layout, cache: Cache):
@@ -195,7 +213,7 @@ def flow(model: WanDiT, lay: Layout, cache: Cache, z, t_bf, text=None, probe: bo
   """
   slot_pos, z_pos = _positions(lay, cache)
   txt = cache.text if text is None else text
-  return model(z, t_bf, txt, positions=z_pos, slots=cache.slots(slot_pos), probe=probe)
+  return model(z, t_bf, txt, positions=z_pos, slots=_slots(lay, cache, slot_pos), probe=probe)
 
 
 def frozen(model: WanDiT) -> WanDiT:
@@ -288,7 +306,7 @@ def write_cache(model: WanDiT, lay: Layout, cache: Cache, x0: jax.Array, noise: 
   if lay.context_noise:  # noised to the context level with the chunk's own fresh noise slot
     x_in = (1.0 - lay.context_sigma) * x0 + lay.context_sigma * noise[-1]
   t_bf = jnp.full((b, fz), lay.context_timestep, jnp.float32)
-  _, aux = frozen(model)(x_in, t_bf, cache.text, positions=z_pos, slots=cache.slots(slot_pos), return_kv=True)
+  _, aux = frozen(model)(x_in, t_bf, cache.text, positions=z_pos, slots=_slots(lay, cache, slot_pos), return_kv=True)
   k_new = kv_cache.frames_of(jax.lax.stop_gradient(aux["k"]).astype(cache.k.dtype), lay.tokens)
   v_new = kv_cache.frames_of(jax.lax.stop_gradient(aux["v"]).astype(cache.v.dtype), lay.tokens)
   k_old, v_old = kv_cache.frames_of(cache.k, lay.tokens), kv_cache.frames_of(cache.v, lay.tokens)
@@ -411,7 +429,7 @@ def recache(model: WanDiT, lay: Layout, cache: Cache, text) -> Cache:
     jnp.full((b, wp), lay.context_timestep, jnp.float32),
     text,
     positions=slot_pos[fs:],
-    slots=anchor_only.slots(slot_pos),
+    slots=_slots(lay, anchor_only, slot_pos),
     frame_mask=own,
     return_kv=True,
   )

@@ -180,3 +180,25 @@ def test_panworld_outputs_keep_a_users_files(tmp_path):
   p = _asvd("eval", "motion", "--models", str(models), "--modes", "sink", "--out", str(ev), *SMALL)
   assert p.returncode == 2 and "eval.md" in p.stderr and (ev / "eval.md").read_text() == "mine"
   assert sorted(os.listdir(ev)) == ["eval.md"]
+
+
+def test_eval_dose_sweeps_the_anchor_bias(tmp_path):
+  """`asvd eval dose`: one row per mode and bias, the measured anchor share rising with the
+  bias; bad flags are one line before any model loads."""
+  cfg = asvd.load_config("configs/panworld.py", SMALL)
+  models = tmp_path / "models"
+  for i, mode in enumerate(("adaptive", "sink")):
+    asvd.save_dit(asvd.init_dit(cfg.model, jax.random.key(i)), models / mode)
+  out = tmp_path / "dose"
+  p = _asvd("eval", "dose", "--models", str(models), "--prompts", "2", "--seeds", "1", "--biases=-2,0,2", "--multiple", "2", "--out", str(out), *SMALL)
+  assert p.returncode == 0, p.stderr[-2000:]
+  res = json.loads((out / "dose.json").read_text())
+  assert res["segment"] == "2x" and [(r["mode"], r["bias"]) for r in res["rows"]] == [(m, b) for m in ("adaptive", "sink") for b in (-2.0, 0.0, 2.0)]
+  for m in ("adaptive", "sink"):
+    share = [r["share"]["mean"] for r in res["rows"] if r["mode"] == m]
+    assert share[0] < share[1] < share[2], (m, share)
+  assert all(len(v["share"]) == 2 and len(v["contrast"]) == 2 for v in res["per_video"])
+  assert (out / "dose.png").stat().st_size > 0 and "| sink | 2 |" in (out / "dose.md").read_text()
+  for bad, word in ((["--biases", "x"], "--biases"), (["--biases", "inf"], "--biases"), (["--modes", "none"], "no anchor"), (["--multiple", "0.5"], "--multiple")):
+    p = _asvd("eval", "dose", "--models", str(models), *bad, "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and word in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr[-500:])

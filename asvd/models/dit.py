@@ -145,12 +145,16 @@ class KVSlots:
     v: `[L, B, N * T, H, Dh]` values.
     valid: bool `[B, N]`; invalid slots get no attention.
     positions: int `[N]` or `[B, N]` temporal RoPE index of each slot.
+    bias: float `[N]`, added to the attention logits of every key of each slot (every query,
+      every layer and head), or None. A probe for how much a slot's share of attention matters
+      (`rollout.anchor_bias`); None leaves the computation exactly as without it.
   """
 
   k: jax.Array
   v: jax.Array
   valid: jax.Array
   positions: jax.Array
+  bias: jax.Array | None = None
 
   @property
   def num_slots(self) -> int:
@@ -278,6 +282,29 @@ def _layer(i, tree, n: int):
   return jax.lax.switch(i, branches)
 
 
+def _with_key_bias(q, k, v, bias_s):
+  """`(q, k, v)` widened so that any attention backend adds `bias_s[j]` to every logit of key
+  token j: `q' = [q sqrt(D'/Dh), sqrt(D'), 0..]`, `k' = [k, bias, 0..]`, `v' = [v, 0..]`, so
+  `q'.k' / sqrt(D') = q.k / sqrt(Dh) + bias` under the backends' own `1/sqrt(head dim)` scale
+  (the output's extra columns are zeros and are cut off). The width grows by 8 (128 on TPU,
+  whose kernels tile the head dimension by 128).
+
+  Args:
+    q: `[..., Sq, H, Dh]` queries (any leading layout the backends take).
+    k: `[B, Sk, H, Dh]` keys; v: `[B, Sk, H, Dh]` values.
+    bias_s: float `[Sk]` per key token.
+  """
+  dh = q.shape[-1]
+  extra = 128 if attn_lib.tracing_platform() == "tpu" else 8
+  dp = dh + extra
+  pad_q = jnp.zeros((*q.shape[:-1], extra), q.dtype).at[..., 0].set(dp**0.5)
+  q = jnp.concatenate([(q.astype(jnp.float32) * (dp / dh) ** 0.5).astype(q.dtype), pad_q], axis=-1)
+  kb = jnp.zeros((*k.shape[:-1], extra), jnp.float32).at[..., 0].set(bias_s[None, :, None])
+  k = jnp.concatenate([k, kb.astype(k.dtype)], axis=-1)
+  v = jnp.concatenate([v, jnp.zeros((*v.shape[:-1], extra), v.dtype)], axis=-1)
+  return q, k, v
+
+
 def _layer_norm(x, eps, scale=None, bias=None):
   """LayerNorm in float32 (Wan's FP32LayerNorm); returns float32."""
   x = x.astype(jnp.float32)
@@ -340,7 +367,7 @@ class Block(nnx.Module):
     """Cross-attention K/V `[B, Lt, H, Dh]` of the embedded text."""
     return self.cross_attn.project_kv(ctx_bld)
 
-  def __call__(self, x_bftd, e_bf6d, rope, text_kv, slots, frame_mask, probe):
+  def __call__(self, x_bftd, e_bf6d, rope, text_kv, slots, frame_mask, probe, key_bias=None):
     """Runs the block.
 
     Args:
@@ -352,6 +379,7 @@ class Block(nnx.Module):
       slots: `(k, v)` un-rotated cached K/V of this layer `[B, N*T, H, Dh]`, or None.
       frame_mask: bool `[B|1, F, N + F]` (`[B, 1, N + F]`: key-only; `[B|1, F, F]` without slots), or None.
       probe: also return the attention share per key frame.
+      key_bias: float32 `[N + F]` logit bias per key frame (`KVSlots.bias`), or None.
 
     Returns:
       `(x_bftd, (k_own, v_own, share))`: new hidden states, this call's un-rotated K/V
@@ -384,7 +412,11 @@ class Block(nnx.Module):
       v = jnp.concatenate([v_c.astype(cfg.dtype), v], axis=1)
     # Keys and values whole on every context shard (`kv_tokens`: all-gathered), heads over tensor.
     k, v = shard_lib.constrain(k, _KV_HEADS), shard_lib.constrain(v, _KV_HEADS)
+    dh = q.shape[-1]
+    if key_bias is not None:
+      q, k, v = _with_key_bias(q, k, v, jnp.repeat(key_bias, k.shape[1] // key_bias.shape[0]))
     o, share = attn_lib.attend(cfg.attention, q, k, v, frame_mask, probe)
+    o = o[..., :dh]
     o = checkpoint_name(shard_lib.constrain(o, _HEADS), "attn_out")
     o = self.self_attn.o(o.reshape(b, f, t, d), jnp.float32)
     x_bftd = (x_bftd.astype(jnp.float32) + o * gate).astype(cfg.dtype)
@@ -611,6 +643,9 @@ class WanDiT(nnx.Module):
       mask = jnp.concatenate([slot_mask, own], axis=-1)
     else:
       mask = None if frame_mask is None else own
+    key_bias = None
+    if slots is not None and slots.bias is not None:  # [N + F]: the own frames get none
+      key_bias = jnp.concatenate([jnp.broadcast_to(jnp.asarray(slots.bias, jnp.float32), (n,)), jnp.zeros((f,), jnp.float32)])
 
     temb, e = self.time_embed(t_bf)  # [B, f, D], [B, f, 6, D]
     h = self.patchify(x.astype(cfg.dtype)).reshape(b, f, tokens, cfg.dim)
@@ -619,7 +654,7 @@ class WanDiT(nnx.Module):
 
     def run_block(blk, h, layer_slots, layer_text):
       tkv = blk.text_kv(ctx) if layer_text is None else layer_text
-      return blk(h, e, (cos_q, sin_q, cos_c, sin_c), tkv, layer_slots, mask, probe)
+      return blk(h, e, (cos_q, sin_q, cos_c, sin_c), tkv, layer_slots, mask, probe, key_bias)
 
     slot_xs = None if slots is None else (slots.k, slots.v)
     text_xs = None if text is None else (text.k, text.v)
