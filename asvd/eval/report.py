@@ -331,7 +331,7 @@ def _plot_speed(rows: dict, multiples, path: str) -> None:
       ivs = [_iv(segs[f"{m:g}x"][metric]) for m in xs]
       y = np.asarray([v.mean for v in ivs])
       err = np.abs(np.asarray([[v.mean - v.lo, v.hi - v.mean] for v in ivs]).T)
-      dx = (i - len(rows) / 2) * 0.03 * max(1.0, xs.max() - xs.min())  # side by side, not on top
+      dx = (i - (len(rows) - 1) / 2) * 0.012 * max(1.0, xs.max() - xs.min())  # side by side, not on top
       style = {"color": "gray", "ls": ":"} if mode == "data" else {}
       ax.errorbar(xs + dx, y, yerr=err, marker="o", capsize=3, label=mode, **style)
     ax.axhline(1.0, color="k", lw=0.8)
