@@ -97,8 +97,9 @@ def markdown(result: dict) -> str:
     "| model | anchor_bias | anchor share | " + " | ".join(name for _, name in RESPONSES) + " |",
     "|" + " --- |" * (3 + len(RESPONSES)),
   ]
+  n = len(result["prompts"]) * len(result["seeds"])
   for r in result["rows"]:
-    lines.append(f"| {r['mode']} | {r['bias']:g} | {_iv(r['share']).text('.3f')} | " + " | ".join(_iv(r[k]).text() for k, _ in RESPONSES) + " |")
+    lines.append(f"| {r['mode']} | {r['bias']:g} | {_iv(r['share']).text('.3f')} | " + " | ".join(_iv(r[k]).text(of=n) for k, _ in RESPONSES) + " |")
   return "\n".join(lines) + "\n"
 
 

@@ -257,8 +257,8 @@ def claim(values: dict, anchor: dict, tests: dict, seg: str) -> list[dict]:
   return lines
 
 
-def _cell(d: dict, fmt: str = ".2f") -> str:
-  return _iv(d).text(fmt)
+def _cell(d: dict, fmt: str = ".2f", of: int | None = None) -> str:
+  return _iv(d).text(fmt, of)
 
 
 def markdown(result: dict) -> str:
@@ -280,7 +280,7 @@ def markdown(result: dict) -> str:
   for mode, segs in rows.items():
     for seg, m in segs.items():
       labels = " / ".join(str(round(m[f"label/{k}"]["mean"] * m[f"label/{k}"]["n"])) for k in motion.LABELS)
-      lines.append(f"| {mode} | {seg} | " + " | ".join(_cell(m[k]) for k, _ in cols) + f" | {labels} |")
+      lines.append(f"| {mode} | {seg} | " + " | ".join(_cell(m[k], of=n) for k, _ in cols) + f" | {labels} |")
   at = result["anchor_test"]
   test_lines = ["| model | swap: change | blank: change | new noise: change | swap / noise | blank / noise |", "|" + " --- |" * 6]
   for mode, r in at["rows"].items():

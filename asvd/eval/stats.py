@@ -37,13 +37,13 @@ class Interval:
   def as_dict(self) -> dict:
     return {"mean": _num(self.mean), "lo": _num(self.lo), "hi": _num(self.hi), "n": self.n}
 
-  def text(self, fmt: str = ".2f") -> str:
-    """`0.81 [0.74, 0.88]`; `–` when no video counted."""
+  def text(self, fmt: str = ".2f", of: int | None = None) -> str:
+    """`0.81 [0.74, 0.88]`; `–` when no video counted; `(n = 3)` added when fewer than `of`
+    videos counted."""
     if self.n == 0:
       return "–"
-    if self.n == 1 or self.lo == self.hi:
-      return format(self.mean, fmt)
-    return f"{self.mean:{fmt}} [{self.lo:{fmt}}, {self.hi:{fmt}}]"
+    out = format(self.mean, fmt) if self.n == 1 or self.lo == self.hi else f"{self.mean:{fmt}} [{self.lo:{fmt}}, {self.hi:{fmt}}]"
+    return out + (f" (n = {self.n})" if of is not None and self.n < of else "")
 
 
 def _num(x: float):
