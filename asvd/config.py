@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
       state_frames=1,  # Fs (anchor slots)
       window_frames=3,  # Wp
       state_position="anchor",  # anchor | leading
-      positions="relative",  # relative | absolute (Self-Forcing preset)
+      positions="relative",  # relative | absolute (Self-Forcing preset) | absolute_rolling (the peers' sink positions)
       absolute_frames=21,  # cache frames of the absolute preset
       ema_decay=0.9,
       sink_in_window=False,  # sink: also keep the sink frames in the window (LongLive: False)

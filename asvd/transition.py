@@ -63,6 +63,10 @@ class Layout:
   context_noise: bool = False  # the clean re-run's input is re-noised (fresh noise, last slot)
   sink_in_window: bool = False  # sink: the sink frames also enter the window
   anchor_bias: float = 0.0  # logit bias on the anchor slots' keys (`rollout.anchor_bias`)
+  # positions="absolute_rolling": RoPE from absolute frame indices with the rolling window (the
+  # sink keeps its index while the chunks' grow, as the peers); rollouts stop at `max_frames`.
+  absolute_rolling: bool = False
+  max_frames: int = 0
 
   @property
   def num_slots(self) -> int:
@@ -107,8 +111,10 @@ def make_layout(config, model_cfg, latent_hw=None, sampler_config=None) -> Layou
   anchor = r.anchor
   if anchor not in ANCHORS:
     raise UsageError(f"rollout.anchor={anchor!r}; choose one of {ANCHORS}")
-  if r.positions not in ("relative", "absolute"):
-    raise UsageError(f"rollout.positions={r.positions!r}; choose 'relative' or 'absolute'")
+  if r.positions not in ("relative", "absolute", "absolute_rolling"):
+    raise UsageError(f"rollout.positions={r.positions!r}; choose 'relative', 'absolute' or 'absolute_rolling'")
+  if r.positions == "absolute_rolling" and anchor not in ("sink", "none"):
+    raise UsageError(f"rollout.positions='absolute_rolling' is the peers' sink baseline: set rollout.anchor to 'sink' or 'none' (got {anchor!r})")
   if r.state_position not in ("anchor", "leading"):
     raise UsageError(f"rollout.state_position={r.state_position!r}; choose 'anchor' or 'leading'")
   f, fs, wp = int(r.chunk_frames), int(r.state_frames), int(r.window_frames)
@@ -181,6 +187,8 @@ def make_layout(config, model_cfg, latent_hw=None, sampler_config=None) -> Layou
     context_noise=context_noise,
     sink_in_window=bool(r.get("sink_in_window", False)),
     anchor_bias=anchor_bias,
+    absolute_rolling=r.positions == "absolute_rolling",
+    max_frames=int(model_cfg.rope_max_seq_len),
   )
 
 
@@ -202,6 +210,11 @@ def _positions(lay: Layout, cache: Cache):
   if lay.absolute:
     start = cache.chunk * lay.chunk_frames
     return jnp.arange(lay.num_slots, dtype=jnp.int32), start + jnp.arange(lay.chunk_frames, dtype=jnp.int32)
+  if lay.absolute_rolling:  # video frame g at index g: the sink at 0.., the window just before the chunk
+    start = cache.chunk * lay.chunk_frames
+    win = jnp.maximum(start - lay.window_frames + jnp.arange(lay.window_frames, dtype=jnp.int32), 0)  # the last Wp frames
+    slots = jnp.concatenate([jnp.arange(lay.state_frames, dtype=jnp.int32), win])
+    return slots, start + jnp.arange(lay.chunk_frames, dtype=jnp.int32)
   return jnp.asarray(lay.slot_positions()), jnp.asarray(lay.z_positions())
 
 
@@ -399,7 +412,13 @@ def given_groups(n: int, chunk_frames: int) -> list[tuple[int, int]]:
 
 
 def check_absolute(lay: Layout, first_chunk: int, num_chunks: int | None) -> None:
-  """The absolute preset's buffer holds `absolute_frames`: one error for every entry point."""
+  """The absolute preset's buffer holds `absolute_frames`, and absolute positions end at the
+  RoPE table (`model.rope_max_seq_len` frames): one error for every entry point."""
+  if lay.absolute_rolling and num_chunks is not None and (first_chunk + num_chunks) * lay.chunk_frames > lay.max_frames:
+    raise UsageError(
+      f"rollout.positions='absolute_rolling' indexes frames absolutely, up to model.rope_max_seq_len={lay.max_frames}: "
+      f"at most {lay.max_frames // lay.chunk_frames} chunks, asked for chunks {first_chunk}..{first_chunk + num_chunks - 1}"
+    )
   if lay.absolute and num_chunks is not None and (first_chunk + num_chunks) * lay.chunk_frames > lay.window_frames:
     raise UsageError(
       f"the absolute Self-Forcing preset holds {lay.window_frames} frames (rollout.absolute_frames): "
@@ -423,7 +442,7 @@ def recache(model: WanDiT, lay: Layout, cache: Cache, text) -> Cache:
   win_valid = cache.valid[:, fs:]  # [B, Wp]
   anchor_only = cache.replace(valid=cache.valid.at[:, fs:].set(False))
   own = jnp.broadcast_to(win_valid[:, None, :], (b, wp, wp)) | jnp.eye(wp, dtype=bool)[None]
-  slot_pos = jnp.asarray(lay.slot_positions())
+  slot_pos = _positions(lay, cache)[0]
   _, aux = model(
     cache.lat[:, fs:],
     jnp.full((b, wp), lay.context_timestep, jnp.float32),
@@ -599,7 +618,7 @@ def make_transition(model: WanDiT, context, *, config, latent_hw=None, sampler_c
   def transition(state, cache, noise):
     if tuple(noise.shape) != want:
       raise UsageError(f"noise has shape {tuple(noise.shape)}; this transition expects {want} [steps, B, Fz, H, W, C]")
-    if lay.absolute:  # reading the counter syncs, so only the preset (at most 7 chunks) pays it
+    if lay.absolute or lay.absolute_rolling:  # reading the counter syncs: only these presets pay it
       check_absolute(lay, int(cache.chunk), 1)
     return step(params, state, cache, noise)
 
