@@ -127,6 +127,11 @@ def base_config() -> ml_collections.ConfigDict:
         b1=None,
         init="",
         first_chunk_prob=0.25,
+        # Where a sink / EMA anchor comes from in this stage's caches: "clip_start" (the clip's
+        # first chunk is written before the context, so the anchor is the clip's start while the
+        # context moves away from it, as a long rollout has it) or "context" (the context's own
+        # first frame, next to the chunk: the earlier behaviour). No effect on adaptive / none.
+        anchor_from="clip_start",
         # "ode": regression on the frozen teacher's ODE trajectories (CausVid / Self-Forcing
         # ode_init; needs prompts only); "teacher_forcing": flow matching on the data's clips.
         method="ode",

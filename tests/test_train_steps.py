@@ -60,6 +60,43 @@ def test_causal_init_state_target_is_what_the_next_chunk_finds_in_the_slot(tiny)
         assert not np.array_equal(target[:, :fs], slot)
 
 
+def test_causal_init_anchor_is_the_clip_start_or_the_context(tiny):
+  """`train.causal_init.anchor_from`: "clip_start" (the default) writes the clip's first chunk
+  before the context, so a sink holds the clip's frame 0 and an EMA anchor its evicted frames;
+  "context" leaves the context's own first frame in the sink. The step reads the key."""
+  from asvd import transition as tr
+
+  cfg, _, batch = tiny
+  assert cfg.train.causal_init.anchor_from == "clip_start"
+  model = asvd.init_dit(cfg.model, 3)
+  clips, text = batch["latents"], batch["text"]
+  wp = cfg.rollout.window_frames
+  for anchor in ("sink", "ema"):
+    c = cfg.copy_and_resolve_references()
+    c.rollout.anchor = anchor
+    lay = tr.make_layout(c.rollout, model.cfg)
+    for seed in range(3):
+      key = jax.random.PRNGKey(seed)
+      o, _, far, _ = st._chunk_in_context(model, lay, clips, text, key, 0.0, anchor_from="clip_start")
+      o2, _, near, _ = st._chunk_in_context(model, lay, clips, text, key, 0.0, anchor_from="context")
+      assert o == o2
+      np.testing.assert_array_equal(np.asarray(far.lat[:, 1:]), np.asarray(clips[:, o : o + wp]))  # the window: the context
+      if anchor == "sink":
+        np.testing.assert_array_equal(np.asarray(far.lat[:, 0]), np.asarray(clips[:, 0]))
+        np.testing.assert_array_equal(np.asarray(near.lat[:, 0]), np.asarray(clips[:, o]))
+      else:  # the EMA anchor: the clip's first chunk, evicted by the context; none without it
+        assert np.asarray(far.valid[:, 0]).all() and not np.asarray(near.valid[:, 0]).any()
+  c = cfg.copy_and_resolve_references()
+  c.rollout.anchor, c.train.causal_init.method = "sink", "teacher_forcing"
+  lay = tr.make_layout(c.rollout, model.cfg)
+  losses = []
+  for where in ("clip_start", "context"):
+    c.train.causal_init.anchor_from = where
+    g, tx, state = fresh(c, 1e-3, seed=1)
+    losses.append(float(jax.jit(st.causal_init_step(g, tx, c, lay))(state, batch)[1]["loss"]))
+  assert losses[0] != losses[1], losses
+
+
 def test_a_stage_may_have_its_own_adam_momentum(tiny):
   """`train.<stage>.b1` (None: `train.optimizer.b1`) sets that stage's Adam momentum only."""
   cfg, _, _ = tiny

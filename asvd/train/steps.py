@@ -119,12 +119,18 @@ def teacher_step(graphdef, tx, cfg):
 # ------------------------------------------------------------------------------------------------
 
 
-def _context_cache(model, lay: tr.Layout, ctx_frames, text, key, first):
+def _context_cache(model, lay: tr.Layout, ctx_frames, text, key, first, clip_start=None):
   """The cache a chunk sees after the clean context `ctx_frames [B, Wp, ...]`, written into an
   empty cache exactly as generated frames are (`transition.write_given`, frozen weights, no
-  gradient), and emptied for the samples where `first [B]` (the first chunk of a video)."""
+  gradient), and emptied for the samples where `first [B]` (the first chunk of a video).
+
+  `clip_start [B, F, ...]`, the clip's first chunk, is written before the context when given:
+  the `sink` then holds the clip's first frame and the `ema` anchor its evicted frames, a
+  distant anchor as in a long rollout (the context moves on from it)."""
   fixed = tr.frozen(model)
   state, cache = tr.empty_carry(model, jax.lax.stop_gradient(text), lay)
+  if clip_start is not None:
+    state, cache = tr.write_given(fixed, lay, state, cache, clip_start, jax.random.fold_in(key, 2**31 - 1))
   for start, g in tr.given_groups(ctx_frames.shape[1], lay.chunk_frames):  # chunk by chunk, as prefill
     sub = dataclasses.replace(lay, chunk_frames=g)
     state, cache = tr.write_given(fixed, sub, state, cache, ctx_frames[:, start : start + g], jax.random.fold_in(key, start))
@@ -132,7 +138,7 @@ def _context_cache(model, lay: tr.Layout, ctx_frames, text, key, first):
   return cache.replace(valid=cache.valid & ~first[:, None])
 
 
-def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_prob: float, state_target: str = "own_last_frame"):
+def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_prob: float, state_target: str = "own_last_frame", anchor_from: str = "context"):
   """The geometry both causal-init losses train on, from clean clips `[B, T, ...]`.
 
   A random offset `o` picks `Wp` context frames and the `F` frames after them; the context is
@@ -144,7 +150,10 @@ def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_p
   "last_frame" (method.md), the context's last frame (the chunk's first for a first chunk);
   "own_last_frame", the chunk's own last frame, i.e. what the state slot holds in this stage's
   caches (`write_given` puts the last given frame there), so that the state a chunk emits is what
-  the next chunk was trained to find in the slot.
+  the next chunk was trained to find in the slot. `anchor_from` (`train.causal_init.anchor_from`):
+  "clip_start" writes the clip's first chunk before the context (`sink` / `ema`: the anchor is
+  the clip's start, up to the clip's length away from the chunk), "context" does not (the
+  anchor is the context's own first frame, next to the chunk).
   """
   b, t_total = clips.shape[:2]
   f, wp, fs = lay.chunk_frames, lay.window_frames, lay.state_frames
@@ -154,7 +163,8 @@ def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_p
   chunk = jax.lax.dynamic_slice_in_dim(clips, o + wp, f, axis=1)
   text = model.text_kv(text_ctx)
   first = jax.random.bernoulli(k_first, first_chunk_prob, (b,))
-  cache = _context_cache(model, lay, ctx_frames, text, k_ctx, first)
+  distant = anchor_from == "clip_start" and lay.anchor in ("sink", "ema")
+  cache = _context_cache(model, lay, ctx_frames, text, k_ctx, first, clips[:, :f] if distant else None)
   if lay.anchor == "adaptive":
     if state_target == "own_last_frame":
       target = chunk[:, -fs:]
@@ -164,12 +174,12 @@ def _chunk_in_context(model, lay: tr.Layout, clips, text_ctx, key, first_chunk_p
   return o, text, cache, chunk
 
 
-def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: float, first_chunk_prob: float, state_target: str = "own_last_frame"):
+def teacher_forcing_loss(model, lay: tr.Layout, latents, text_ctx, key, shift: float, first_chunk_prob: float, state_target: str = "own_last_frame", anchor_from: str = "context"):
   """Flow matching of one chunk (and the state) against a cache written from clean data frames
   (`_chunk_in_context`); the model predicts the flow of the noised [state target; chunk] with
   `transition.flow`, the inference call."""
   k_geom, k_loss = jax.random.split(key)
-  _, text, cache, target = _chunk_in_context(model, lay, latents, text_ctx, k_geom, first_chunk_prob, state_target)
+  _, text, cache, target = _chunk_in_context(model, lay, latents, text_ctx, k_geom, first_chunk_prob, state_target, anchor_from)
 
   def predict(xt, t):
     return tr.flow(model, lay, cache, xt, t, text)
@@ -216,7 +226,7 @@ def teacher_trajectory(teacher, lay: tr.Layout, text_ctx, key, frames: int, step
   return jax.lax.stop_gradient(jnp.moveaxis(path, 0, 1))
 
 
-def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_prob: float, state_target: str = "own_last_frame"):
+def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_prob: float, state_target: str = "own_last_frame", anchor_from: str = "context"):
   """Mean squared error of the student's `x0` from a recorded point of the teacher's ODE.
 
   `path [B, K + 1, T, ...]` is `teacher_trajectory`. A random offset picks `Wp` context frames of
@@ -227,7 +237,7 @@ def ode_regression_loss(model, lay: tr.Layout, path, text_ctx, key, first_chunk_
   """
   b, f, fz = path.shape[0], lay.chunk_frames, lay.z_frames
   k_geom, k_step, k_eps = jax.random.split(key, 3)
-  o, text, cache, target = _chunk_in_context(model, lay, path[:, -1], text_ctx, k_geom, first_chunk_prob, state_target)
+  o, text, cache, target = _chunk_in_context(model, lay, path[:, -1], text_ctx, k_geom, first_chunk_prob, state_target, anchor_from)
   k = jax.random.randint(k_step, (b,), 0, len(lay.sigmas))
   sigma = jnp.asarray(lay.sigmas, jnp.float32)[k]
   x_t = jax.lax.dynamic_slice_in_dim(path[jnp.arange(b), k], o + lay.window_frames, f, axis=1)  # [B, F, ...]
@@ -248,6 +258,7 @@ def causal_init_step(graphdef, tx, cfg, lay: tr.Layout, teacher_graphdef=None):
   c = cfg.train.causal_init
   shift, p_first, method = float(cfg.sampler.shift), float(c.first_chunk_prob), str(c.method)
   h, st_target = int(cfg.train.horizon_frames), str(cfg.train.state_init_target)
+  anchor_from = str(c.get("anchor_from", "context"))
 
   def step(state: TrainState, batch, frozen: Frozen | None = None):
     frozen = frozen or Frozen()
@@ -261,8 +272,8 @@ def causal_init_step(graphdef, tx, cfg, lay: tr.Layout, teacher_graphdef=None):
     def loss_fn(p):
       model = merge(graphdef, p, frozen.generator)
       if method == "ode":
-        return ode_regression_loss(model, lay, path, batch["text"], sub, p_first, st_target)
-      return teacher_forcing_loss(model, lay, batch["latents"], batch["text"], sub, shift, p_first, st_target)
+        return ode_regression_loss(model, lay, path, batch["text"], sub, p_first, st_target, anchor_from)
+      return teacher_forcing_loss(model, lay, batch["latents"], batch["text"], sub, shift, p_first, st_target, anchor_from)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     params, opt_state, m = _apply(tx, grads, state.opt_state, state.params, "model")

@@ -86,6 +86,8 @@ def check_config(cfg) -> None:
     raise UsageError(f"train.optimizer.grad_accum={t.optimizer.grad_accum} must be >= 1")
   if t.causal_init.method not in ("ode", "teacher_forcing"):
     raise UsageError(f"train.causal_init.method={t.causal_init.method!r}: choose 'ode' or 'teacher_forcing'")
+  if t.causal_init.get("anchor_from", "context") not in ("clip_start", "context"):
+    raise UsageError(f"train.causal_init.anchor_from={t.causal_init.anchor_from!r}: choose 'clip_start' or 'context'")
   lay = layout(cfg)
   frames, h = int(t.data.frames), int(t.horizon_frames)
   ode = "causal_init" in t.stages and t.causal_init.method == "ode"
