@@ -39,8 +39,8 @@ def get_config(arg=None):
   t.update(horizon_frames=9, batch_size=4, checkpoint_every=100, keep=2, sample_every=200, sample_chunks=6)
   t.data.update(name="panworld", frames=12, clips=4096, world_speeds=(2, 4))
   t.teacher.update(steps=2000, lr=2e-3, b1=0.9, frame_noise_prob=0.5, motion_warmup=1000)
-  # Teacher forcing is what the bundled models were trained with (kept so `launch/panworld_bundle.py`
-  # reproduces them). It was chosen on speed measured over frames that had faded; measured on
+  # Teacher forcing is what the bundled models were trained with (kept; their sink and ema modes
+  # also had `train.causal_init.anchor_from="context"`, the earlier behaviour). It was chosen on speed measured over frames that had faded; measured on
   # their look instead (docs/experiment.md), the ODE init from a 48-Euler-step bank is better:
   # `--config.train.causal_init.method=ode --config.train.causal_init.ode_steps=48` with a bank.
   t.causal_init.update(steps=600, lr=2e-4, method="teacher_forcing", ode_steps=8)
