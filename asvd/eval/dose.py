@@ -83,10 +83,6 @@ def sweep(models: dict, config_for, prompts, out, *, biases, multiple: float = 6
   return result
 
 
-def _iv(d: dict) -> stats.Interval:
-  return stats.Interval(*(float("nan") if d[k] is None else d[k] for k in ("mean", "lo", "hi")), d["n"])
-
-
 def markdown(result: dict) -> str:
   """The sweep as a markdown table (means with 95% intervals)."""
   c0, c1 = result["chunks"]
@@ -99,7 +95,7 @@ def markdown(result: dict) -> str:
   ]
   n = len(result["prompts"]) * len(result["seeds"])
   for r in result["rows"]:
-    lines.append(f"| {r['mode']} | {r['bias']:g} | {_iv(r['share']).text('.3f')} | " + " | ".join(_iv(r[k]).text(of=n) for k, _ in RESPONSES) + " |")
+    lines.append(f"| {r['mode']} | {r['bias']:g} | {stats.Interval.from_dict(r['share']).text('.3f')} | " + " | ".join(stats.Interval.from_dict(r[k]).text(of=n) for k, _ in RESPONSES) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -114,7 +110,7 @@ def _plot(rows, path: str, seg: str) -> None:
   for ax, (key, name) in zip(axes, RESPONSES[:3], strict=True):
     for mode in modes:
       rs = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["bias"])
-      xs, ys = [_iv(r["share"]) for r in rs], [_iv(r[key]) for r in rs]
+      xs, ys = [stats.Interval.from_dict(r["share"]) for r in rs], [stats.Interval.from_dict(r[key]) for r in rs]
       xerr = np.abs(np.asarray([[x.mean - x.lo, x.hi - x.mean] for x in xs]).T)
       yerr = np.abs(np.asarray([[y.mean - y.lo, y.hi - y.mean] for y in ys]).T)
       ax.errorbar([x.mean for x in xs], [y.mean for y in ys], xerr=xerr, yerr=yerr, marker="o", capsize=3, label=mode)

@@ -203,10 +203,6 @@ def summarise(per_video: dict, shares: dict, tests: dict, *, prompts, seeds, hor
   return result
 
 
-def _iv(d: dict) -> stats.Interval:
-  return stats.Interval(*(float("nan") if d[k] is None else d[k] for k in ("mean", "lo", "hi")), d["n"])
-
-
 def claim(values: dict, anchor: dict, tests: dict, seg: str) -> list[dict]:
   """The paper's claim checked line by line on per-video values: `[{"text", "measured",
   "verdict"}]`, each verdict `holds`, `does not hold` or `inconclusive` (`asvd.eval.stats`;
@@ -258,7 +254,7 @@ def claim(values: dict, anchor: dict, tests: dict, seg: str) -> list[dict]:
 
 
 def _cell(d: dict, fmt: str = ".2f", of: int | None = None) -> str:
-  return _iv(d).text(fmt, of)
+  return stats.Interval.from_dict(d).text(fmt, of)
 
 
 def markdown(result: dict) -> str:
@@ -328,7 +324,7 @@ def _plot_speed(rows: dict, multiples, path: str) -> None:
   xs = np.asarray([float(m) for m in multiples])
   for ax, metric, ylabel in ((axes[0], "speed_mean", "measured / commanded camera speed"), (axes[1], "contrast", "contrast / real clips'")):
     for i, (mode, segs) in enumerate(rows.items()):
-      ivs = [_iv(segs[f"{m:g}x"][metric]) for m in xs]
+      ivs = [stats.Interval.from_dict(segs[f"{m:g}x"][metric]) for m in xs]
       y = np.asarray([v.mean for v in ivs])
       err = np.abs(np.asarray([[v.mean - v.lo, v.hi - v.mean] for v in ivs]).T)
       dx = (i - (len(rows) - 1) / 2) * 0.012 * max(1.0, xs.max() - xs.min())  # side by side, not on top
@@ -355,7 +351,7 @@ def _plot_anchor(shares: dict, path: str, horizon_chunks: float) -> None:
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for mode, r in shares.items():
-    ivs = [_iv(d) for d in r["per_chunk"]]
+    ivs = [stats.Interval.from_dict(d) for d in r["per_chunk"]]
     x = np.arange(len(ivs))
     line = ax.plot(x, [v.mean for v in ivs], marker=".", label=mode)[0]
     ax.fill_between(x, [v.lo for v in ivs], [v.hi for v in ivs], color=line.get_color(), alpha=0.2)

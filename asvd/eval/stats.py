@@ -34,6 +34,11 @@ class Interval:
   hi: float
   n: int
 
+  @classmethod
+  def from_dict(cls, d: dict) -> Interval:
+    """The inverse of `as_dict` (None back to NaN), for summaries read from `eval.json`."""
+    return cls(*(float("nan") if d[k] is None else d[k] for k in ("mean", "lo", "hi")), d["n"])
+
   def as_dict(self) -> dict:
     return {"mean": _num(self.mean), "lo": _num(self.lo), "hi": _num(self.hi), "n": self.n}
 
